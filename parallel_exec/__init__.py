@@ -1,0 +1,19 @@
+"""Data-parallel MXNet Gluon training on the devices of one machine.
+
+One worker thread per ``mx.Context``, behind the ``concurrent.futures``
+interface, plus a drop-in for ``gluonnlp.utils.Parallel``.
+"""
+
+from ._compat import Parallel, Parallelizable
+from ._executor import BrokenContextExecutor, ContextExecutor
+from ._state import current_context
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenContextExecutor",
+    "ContextExecutor",
+    "Parallel",
+    "Parallelizable",
+    "current_context",
+]

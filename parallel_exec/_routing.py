@@ -1,0 +1,65 @@
+"""Which worker a task goes to. Pure functions: no threads, no locks.
+
+Routing rule (API.md): the first ``mx.nd.NDArray`` in a depth-first,
+left-to-right walk of the positional arguments, then of the keyword values,
+decides the context; among several workers of that context the one with the
+fewest tasks queued or running wins. Otherwise the caller falls back to
+round-robin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Mapping, Optional, Sequence
+
+from ._mxnet import mx
+
+_NDArray = mx.nd.NDArray
+
+
+def find_first_ndarray(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional["mx.nd.NDArray"]:
+    """Return the first NDArray in ``args`` then ``kwargs`` values, or ``None``.
+
+    Descends into lists, tuples (namedtuples included) and dict values. The
+    walk uses an explicit stack, so deep nesting cannot hit the recursion
+    limit, and skips containers it has already entered, so a structure that
+    contains itself cannot loop forever.
+
+    Args:
+        args: the positional arguments of a task.
+        kwargs: the keyword arguments of a task, walked in call order.
+
+    Returns:
+        The first NDArray found, or ``None`` if there is none.
+    """
+    # Fast path for the common call ``submit(fn, shard, ...)``.
+    if args and isinstance(args[0], _NDArray):
+        return args[0]
+    # The stack holds iterators; the top one is walked first. kwargs go at
+    # the bottom because they come after every positional argument.
+    stack: List[Iterator[Any]] = [iter(kwargs.values()), iter(args)]
+    entered = set()
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, _NDArray):
+                return item
+            if isinstance(item, (list, tuple, dict)) and id(item) not in entered:
+                entered.add(id(item))
+                stack.append(iter(item.values() if isinstance(item, dict) else item))
+                break
+        else:
+            stack.pop()
+    return None
+
+
+def pick_least_loaded(loads: Sequence[int]) -> int:
+    """Return the position of the smallest load, the first one on ties.
+
+    Args:
+        loads: a snapshot of the tasks queued or running on each candidate
+            worker, non-empty.
+    """
+    best = 0
+    for position in range(1, len(loads)):
+        if loads[position] < loads[best]:
+            best = position
+    return best

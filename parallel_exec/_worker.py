@@ -1,0 +1,134 @@
+"""The worker side: one thread, one context, one queue of work items.
+
+Modelled on CPython's ``concurrent/futures/thread.py`` (3.11): a tiny work
+item that always completes its future, and a module-level loop that holds no
+reference to the executor, so dropping the executor stops the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+from ._gate import SerialInitGate
+from ._mxnet import mx
+from ._state import AutogradState, autograd_applied, set_worker_context
+
+LOGGER = logging.getLogger("parallel_exec")
+
+
+class WorkItem:
+    """One submitted call and the future it completes."""
+
+    __slots__ = ("future", "fn", "args", "kwargs", "autograd")
+
+    def __init__(
+        self,
+        future: Future,
+        fn: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        autograd: AutogradState,
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.autograd = autograd
+
+    def run(self, slot: "WorkerSlot", gate: Optional[SerialInitGate]) -> None:
+        """Run the call on this thread and complete the future.
+
+        The gate is left and the autograd flags restored before the future is
+        completed, so a caller woken by the result sees the worker ready for
+        its next task.
+        """
+        if not self.future.set_running_or_notify_cancel():
+            return  # cancelled while queued: not a first task (API.md)
+        first = not slot.initialized
+        counted = gate.enter(first) if gate is not None else False
+        try:
+            # A private Context copy: ``Context.__enter__`` stores ``_old_ctx``
+            # on the object itself, so a shared one would break across threads.
+            # Entering it per task also undoes a context an earlier task left.
+            with slot.pinned_context, autograd_applied(self.autograd):
+                result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:  # any exception belongs to the future
+            if gate is not None:
+                gate.leave(first, counted, succeeded=False)
+            self.future.set_exception(exc)
+            # Break the cycle exception -> traceback -> frame -> self.
+            self = None  # noqa: PLW0642
+        else:
+            slot.initialized = True
+            if gate is not None:
+                gate.leave(first, counted, succeeded=True)
+            self.future.set_result(result)
+
+
+class WorkerSlot:
+    """One worker's state.
+
+    ``submitted`` is written only by submitting threads (under the
+    executor's lock) and ``finished`` only by the worker thread, so each
+    counter has a single writer; their difference is the worker's load.
+    """
+
+    __slots__ = ("index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized")
+
+    def __init__(self, index: int, context: "mx.Context") -> None:
+        self.index = index
+        self.context = context
+        self.pinned_context = mx.Context(context)
+        self.queue: "queue.SimpleQueue[Optional[WorkItem]]" = queue.SimpleQueue()
+        self.thread: Optional[threading.Thread] = None
+        self.submitted = 0
+        self.finished = 0
+        self.initialized = False  # its first task has finished without raising
+
+    @property
+    def load(self) -> int:
+        """Tasks queued or running on this worker."""
+        return self.submitted - self.finished
+
+
+def worker_loop(
+    slot: WorkerSlot,
+    gate: Optional[SerialInitGate],
+    initializer: Optional[Callable[..., Any]],
+    initargs: Sequence[Any],
+    on_initializer_failure: Callable[[], None],
+) -> None:
+    """Body of a worker thread: pin, initialise, then serve until ``None``.
+
+    Args:
+        slot: this worker's state; its queue delivers work items, and a
+            ``None`` sentinel ends the loop after what was queued before it.
+        gate: the executor's serial-init gate, or ``None`` without one.
+        initializer: called once with ``initargs`` after pinning.
+        on_initializer_failure: marks the executor broken and fails what is
+            pending; called if the initializer raises, and the worker exits.
+    """
+    set_worker_context(slot.context)
+    if initializer is not None:
+        try:
+            with slot.pinned_context:
+                initializer(*initargs)
+        except BaseException:
+            LOGGER.critical("Exception in initializer of %s", threading.current_thread().name, exc_info=True)
+            on_initializer_failure()
+            return
+    work_queue = slot.queue
+    try:
+        while True:
+            item = work_queue.get()
+            if item is None:
+                return
+            item.run(slot, gate)
+            slot.finished += 1
+            del item  # do not keep the task's arguments alive while idle
+    except BaseException:  # only a bug in this module can get here
+        LOGGER.critical("Exception in worker %s", threading.current_thread().name, exc_info=True)

@@ -1,0 +1,46 @@
+"""Shared fixtures. Every wait in a test uses TIMEOUT: hit only on deadlock."""
+
+import gc
+import threading
+import time
+
+import mxnet as mx
+import pytest
+
+import parallel_exec as pe
+
+TIMEOUT = 30
+
+CPU2 = [mx.cpu(0), mx.cpu(1)]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves a thread running (workers included)."""
+    before = set(threading.enumerate())
+    yield
+    gc.collect()  # a dropped executor's finalizer tells its workers to exit
+    deadline = time.monotonic() + TIMEOUT
+    leaked = [t for t in threading.enumerate() if t not in before]
+    for thread in leaked:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in leaked if t.is_alive()]
+    assert not alive, f"test leaked threads: {alive}"
+
+
+@pytest.fixture
+def executor():
+    """A two-worker executor on cpu(0), cpu(1), shut down after the test."""
+    ex = pe.ContextExecutor(CPU2)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip @pytest.mark.gpu tests where MXNet sees no GPU."""
+    if mx.context.num_gpus() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs a GPU; MXNet sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
