@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
+import os
 import queue
 import threading
 import weakref
@@ -39,13 +40,14 @@ class BrokenContextExecutor(BrokenExecutor):
     """A worker's initializer failed; the executor accepts no more work."""
 
 
-# Every worker thread ever started, for the exit hook. Weak, so finished
-# threads of collected executors do not pile up.
+# Every executor not yet collected, for the exit and fork hooks.
+_live_executors: "weakref.WeakSet[ContextExecutor]" = weakref.WeakSet()
+# Every worker thread started, collected executors' included, for the exit
+# hook. Weak, so finished threads do not pile up.
 _all_workers: "weakref.WeakKeyDictionary[threading.Thread, WorkerSlot]" = weakref.WeakKeyDictionary()
-# Set once by the exit hook; read by submit to refuse new work.
+# Set once by the exit hook; submit reads it to name the reason it refuses.
 _interpreter_exiting = False
-# Guards _all_workers and _interpreter_exiting; lock order: before an
-# executor's lock.
+# Guards the three globals above; lock order: before an executor's lock.
 _global_lock = threading.Lock()
 
 
@@ -54,9 +56,12 @@ def _stop_all_workers_at_exit() -> None:
     global _interpreter_exiting
     with _global_lock:
         _interpreter_exiting = True
+        executors = list(_live_executors)
         workers = list(_all_workers.items())
+    for executor in executors:
+        executor.shutdown(wait=False)  # under its lock: no task lands after the sentinel
     for _, slot in workers:
-        slot.queue.put(None)
+        slot.queue.put(None)  # workers of collected executors (extra sentinels are harmless)
     for thread, _ in workers:
         thread.join()
 
@@ -65,6 +70,24 @@ def _stop_all_workers_at_exit() -> None:
 # last-in first-out, so this runs before mxnet's ``_notify_shutdown`` stops
 # the engine that the tasks may still be using.
 atexit.register(_stop_all_workers_at_exit)
+
+
+def _disable_executors_in_forked_child() -> None:
+    """After ``os.fork()`` only the forking thread exists in the child.
+
+    Locks held by other threads at fork time would stay held forever, and no
+    worker would ever serve a queue, so every inherited executor is disabled:
+    its pending futures fail and ``submit`` raises a clear error.
+    """
+    global _global_lock
+    _global_lock = threading.Lock()
+    _all_workers.clear()
+    for executor in list(_live_executors):
+        executor._disable_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_disable_executors_in_forked_child)
 
 
 def _wake_workers_to_exit(slots: Sequence[WorkerSlot]) -> None:
@@ -157,6 +180,7 @@ class ContextExecutor(Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._broken: Optional[str] = None
+        self._forked_away_from: Optional[int] = None  # parent's pid, in a forked child
 
         gate = SerialInitGate(len(self._slots)) if serial_init else None
         on_failure = functools.partial(_break_executor, weakref.ref(self), self._slots)
@@ -170,6 +194,7 @@ class ContextExecutor(Executor):
                 )
                 slot.thread.start()
                 _all_workers[slot.thread] = slot
+            _live_executors.add(self)
         weakref.finalize(self, _wake_workers_to_exit, self._slots).atexit = False
 
     @property
@@ -218,6 +243,8 @@ class ContextExecutor(Executor):
             raise TypeError(f"fn must be callable, got {fn!r}")
         item = WorkItem(Future(), fn, args, kwargs, capture_autograd())
         with self._lock:
+            if self._forked_away_from is not None:
+                raise RuntimeError(_forked_message(self._forked_away_from))
             if self._broken:
                 raise BrokenContextExecutor(self._broken)
             if self._shutdown:
@@ -257,9 +284,30 @@ class ContextExecutor(Executor):
                 if slot.thread is not current:
                     slot.thread.join()
 
+    def _disable_after_fork(self) -> None:
+        """Called in a forked child, where the workers do not exist."""
+        self._lock = threading.Lock()  # the parent's may have been held at fork time
+        self._forked_away_from = os.getppid()
+        message = _forked_message(self._forked_away_from)
+        stranded = _drain_queues(self._slots)
+        stranded += [slot.running for slot in self._slots if slot.running is not None]
+        for item in stranded:
+            future = item.future
+            if future.done():
+                continue  # finished just before the fork
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(message))
+
     def _refuse_new_work(self, reason: str) -> None:
         with self._lock:
             self._broken = reason
+
+
+def _forked_message(parent_pid: int) -> str:
+    return (
+        f"this ContextExecutor was created in process {parent_pid} before os.fork(); its worker "
+        "threads do not exist in this child process. Create a new ContextExecutor in the child."
+    )
 
 
 def _drain_queues(slots: Sequence[WorkerSlot]) -> List[WorkItem]:

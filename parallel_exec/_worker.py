@@ -77,7 +77,9 @@ class WorkerSlot:
     counter has a single writer; their difference is the worker's load.
     """
 
-    __slots__ = ("index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized")
+    __slots__ = (
+        "index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized", "running"
+    )
 
     def __init__(self, index: int, context: "mx.Context") -> None:
         self.index = index
@@ -88,6 +90,7 @@ class WorkerSlot:
         self.submitted = 0
         self.finished = 0
         self.initialized = False  # its first task has finished without raising
+        self.running: Optional[WorkItem] = None  # the item being run, for fork clean-up
 
     @property
     def load(self) -> int:
@@ -127,7 +130,9 @@ def worker_loop(
             item = work_queue.get()
             if item is None:
                 return
+            slot.running = item
             item.run(slot, gate)
+            slot.running = None
             slot.finished += 1
             del item  # do not keep the task's arguments alive while idle
     except BaseException:  # only a bug in this module can get here
