@@ -1,0 +1,379 @@
+"""Train a small convolutional network on scikit-learn's digits, on every device.
+
+The data set ships with scikit-learn (1,797 8x8 images of handwritten digits),
+so nothing is downloaded. Each batch is split into one shard per device, every
+shard runs forward and backward on its own device, and ``gluon.Trainer`` sums
+the gradients and updates the parameters once per batch.
+
+``--mode`` picks how the shards are driven; the step that runs on a shard is
+the same in every mode:
+
+- ``map`` (default): ``ex.map(step, split_and_load(data, ctxs),
+  split_and_load(label, ctxs))`` on a ``ContextExecutor``.
+- ``futures``: submit the shards, add up loss and accuracy with
+  ``as_completed`` as shards finish, and load the next batch onto the
+  devices while they work.
+- ``legacy``: the step as a ``Parallelizable``, driven through
+  ``Parallel.put``/``get`` the way gluonnlp code does it.
+- ``sequential``: a plain loop over the shards, as the baseline.
+
+With the same ``--seed`` every mode starts from the same parameters, sees the
+batches in the same order and ends with the same parameters.
+
+Run ``python examples/train_digits.py --help`` for the options. The run
+leaves ``params.params``, ``metrics.json`` and ``metrics.png`` in ``--out``.
+"""
+
+import argparse
+import contextlib
+import json
+import re
+import time
+from concurrent.futures import as_completed
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # only write PNG files: no display needed
+import matplotlib.pyplot as plt
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+from mxnet.gluon import nn
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import parallel_exec as pe
+
+MODES = ("map", "futures", "legacy", "sequential")
+
+
+# --- Command line -------------------------------------------------------------
+
+
+def default_contexts():
+    """Every GPU that MXNet sees; two CPU contexts on a machine without one."""
+    num_gpus = mx.context.num_gpus()
+    if num_gpus:
+        return [mx.gpu(i) for i in range(num_gpus)]
+    return [mx.cpu(0), mx.cpu(1)]
+
+
+def parse_contexts(text):
+    """Parse ``cpu:0,cpu:1`` or ``gpu:0,gpu:1`` into a list of ``mx.Context``.
+
+    Raises:
+        argparse.ArgumentTypeError: a malformed, repeated or missing device;
+            argparse turns it into a usage error (exit status 2).
+    """
+    contexts = []
+    for item in (item.strip() for item in text.split(",")):
+        match = re.fullmatch(r"(cpu|gpu):([0-9]+)", item)
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"invalid context {item!r} in {text!r}: write DEVICE:INDEX with DEVICE cpu or gpu, "
+                "separated by commas, e.g. cpu:0,cpu:1 or gpu:0,gpu:1"
+            )
+        kind, index = match[1], int(match[2])
+        if kind == "gpu" and index >= mx.context.num_gpus():
+            raise argparse.ArgumentTypeError(f"no such device {item!r}: MXNet sees {mx.context.num_gpus()} GPU(s)")
+        context = mx.Context(kind, index)
+        if context in contexts:
+            raise argparse.ArgumentTypeError(f"context {item!r} is listed twice in {text!r}")
+        contexts.append(context)
+    return contexts
+
+
+def positive_int(text):
+    """An ``int`` >= 1, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    """A ``float`` > 0, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train a small CNN on scikit-learn's digits, one shard of each batch per device.",
+        epilog="Example: python examples/train_digits.py --mode futures --contexts cpu:0,cpu:1",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--mode", choices=MODES, default="map", help="how the shards of a batch are driven")
+    parser.add_argument(
+        "--contexts",
+        type=parse_contexts,
+        default=None,
+        metavar="LIST",
+        help="devices, e.g. cpu:0,cpu:1 or gpu:0,gpu:1 (default: every GPU MXNet sees, else cpu:0,cpu:1)",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=12, help="passes over the training set")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, over all devices")
+    parser.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate")
+    parser.add_argument("--test-size", type=float, default=0.2, help="fraction of the images held out for testing")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial parameters, the split and the batch order")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/digits-<mode>/)")
+    args = parser.parse_args(argv)
+    if args.contexts is None:
+        args.contexts = default_contexts()
+    if args.batch_size < len(args.contexts):
+        parser.error(f"--batch-size {args.batch_size} is smaller than the number of contexts ({len(args.contexts)})")
+    if not 0 < args.test_size < 1:
+        parser.error(f"--test-size must be between 0 and 1, got {args.test_size}")
+    if args.out is None:
+        args.out = Path("runs") / f"digits-{args.mode}"
+    return args
+
+
+# --- Data and model -----------------------------------------------------------
+
+
+def load_data(test_size, seed):
+    """The digits as float32 images of shape (N, 1, 8, 8) in [0, 1], split in train and test."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, np.newaxis]
+    labels = digits.target.astype(np.float32)
+    return train_test_split(images, labels, test_size=test_size, random_state=seed, stratify=labels)
+
+
+def iter_batches(images, labels, batch_size, rng):
+    """Shuffled full batches as NDArrays; the last, incomplete one is dropped."""
+    order = rng.permutation(len(images))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        index = order[start : start + batch_size]
+        yield mx.nd.array(images[index]), mx.nd.array(labels[index])
+
+
+def build_net():
+    """A small CNN. Every input size is given, so the parameters exist right
+    after ``initialize`` and are the same in every mode for the same seed."""
+    net = nn.HybridSequential()
+    net.add(
+        nn.Conv2D(32, kernel_size=3, padding=1, in_channels=1, activation="relu"),
+        nn.Conv2D(64, kernel_size=3, padding=1, in_channels=32, activation="relu"),
+        nn.MaxPool2D(pool_size=2),  # 8x8 -> 4x4
+        nn.Flatten(),
+        nn.Dense(128, in_units=64 * 4 * 4, activation="relu"),
+        nn.Dense(10, in_units=128),
+    )
+    return net
+
+
+class ShardStep(pe.Parallelizable):
+    """Forward and backward on one shard; the same code in every mode.
+
+    Called as ``step(data, label)`` by ``map``, ``futures`` and ``sequential``,
+    and as ``step.forward_backward((data, label))`` by ``Parallel``.
+    Returns the shard's summed loss and number of correct predictions as
+    Python floats: reading them waits for the device, so an engine error
+    surfaces here, on the shard's own thread.
+    """
+
+    def __init__(self, net):
+        self.net = net
+        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def __call__(self, data, label):
+        with autograd.record():  # recording is per thread: open it here
+            output = self.net(data)
+            loss = self.loss_fn(output, label)
+        loss.backward()
+        correct = (output.argmax(axis=1) == label).sum()
+        return loss.sum().asscalar(), correct.asscalar()
+
+    def forward_backward(self, shard):
+        return self(*shard)
+
+
+def shard_batch(batch, contexts):
+    """One (data, label) shard per context, already copied to its device."""
+    data, label = batch
+    split = gluon.utils.split_and_load
+    return list(zip(split(data, contexts, even_split=False), split(label, contexts, even_split=False)))
+
+
+# --- The four ways to drive the shards -----------------------------------------
+# Each takes one epoch's batches and yields (summed loss, correct predictions)
+# per batch once every shard's backward is done; the caller then steps the
+# trainer.
+
+
+def drive_sequential(step, contexts, batches):
+    for batch in batches:
+        results = [step(data, label) for data, label in shard_batch(batch, contexts)]
+        yield tuple(map(sum, zip(*results)))
+
+
+def drive_map(executor, step, contexts, batches):
+    for data, label in batches:
+        split = gluon.utils.split_and_load
+        results = executor.map(
+            step, split(data, contexts, even_split=False), split(label, contexts, even_split=False)
+        )
+        yield tuple(map(sum, zip(*results)))
+
+
+def drive_futures(executor, step, contexts, batches):
+    batches = iter(batches)
+    shards = shard_batch(next(batches), contexts)
+    while shards:
+        futures = [executor.submit(step, data, label) for data, label in shards]
+        # Load the next batch onto the devices while they work on this one.
+        batch = next(batches, None)
+        shards = shard_batch(batch, contexts) if batch is not None else None
+        loss_sum = correct = 0.0
+        for future in as_completed(futures):
+            shard_loss, shard_correct = future.result()
+            loss_sum += shard_loss
+            correct += shard_correct
+        yield loss_sum, correct
+
+
+def drive_legacy(parallel, step, contexts, batches):
+    for batch in batches:
+        shards = shard_batch(batch, contexts)
+        for shard in shards:
+            parallel.put(shard)
+        results = [parallel.get() for _ in shards]
+        yield tuple(map(sum, zip(*results)))
+
+
+def make_driver(mode, step, contexts, stack):
+    """A function ``batches -> (loss, correct) per batch`` for ``mode``.
+
+    Executors are entered on ``stack``, so they close when the run ends.
+    """
+    if mode == "sequential":
+        return lambda batches: drive_sequential(step, contexts, batches)
+    if mode == "legacy":
+        parallel = stack.enter_context(pe.Parallel(len(contexts), step))
+        return lambda batches: drive_legacy(parallel, step, contexts, batches)
+    executor = stack.enter_context(pe.ContextExecutor(contexts))
+    drive = drive_map if mode == "map" else drive_futures
+    return lambda batches: drive(executor, step, contexts, batches)
+
+
+# --- Training -----------------------------------------------------------------
+
+
+def evaluate(net, images, labels, context):
+    """Accuracy of ``net`` on the given images, computed on one device."""
+    output = net(mx.nd.array(images, ctx=context))
+    return float((output.argmax(axis=1).asnumpy() == labels).mean())
+
+
+def train(args):
+    """Train with ``args``; return the metrics and the trained network."""
+    contexts = args.contexts
+    train_x, test_x, train_y, test_y = load_data(args.test_size, args.seed)
+    rng = np.random.default_rng(args.seed)
+    mx.random.seed(args.seed)
+    net = build_net()
+    net.initialize(mx.init.Xavier(), ctx=contexts)
+    net.hybridize()
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.lr})
+    step = ShardStep(net)
+
+    batches_per_epoch = len(train_x) // args.batch_size
+    history, batch_losses = [], []
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        drive = make_driver(args.mode, step, contexts, stack)
+        for epoch in range(1, args.epochs + 1):
+            epoch_start = time.perf_counter()
+            loss_sum = correct = seen = 0.0
+            bar = tqdm(
+                total=batches_per_epoch * args.batch_size,
+                desc=f"epoch {epoch}/{args.epochs}",
+                unit="samples",
+                leave=True,
+            )
+            batches = iter_batches(train_x, train_y, args.batch_size, rng)
+            for batch_loss, batch_correct in drive(batches):
+                trainer.step(args.batch_size)  # gradients are summed over the full batch
+                batch_losses.append(batch_loss / args.batch_size)
+                loss_sum += batch_loss
+                correct += batch_correct
+                seen += args.batch_size
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+                bar.update(args.batch_size)
+            bar.close()
+            seconds = time.perf_counter() - epoch_start
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": loss_sum / seen,
+                    "train_accuracy": correct / seen,
+                    "test_accuracy": evaluate(net, test_x, test_y, contexts[0]),
+                    "seconds": seconds,
+                    "samples_per_s": seen / seconds,
+                }
+            )
+    wall_time = time.perf_counter() - start
+    metrics = {
+        "mode": args.mode,
+        "contexts": [str(c) for c in contexts],
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "train_samples": len(train_x),
+        "test_samples": len(test_x),
+        "test_accuracy": history[-1]["test_accuracy"],
+        "wall_time_s": wall_time,
+        "samples_per_s": batches_per_epoch * args.batch_size * args.epochs / wall_time,
+        "history": history,
+        "batch_loss": batch_losses,
+    }
+    return metrics, net
+
+
+def plot(history, path):
+    """Save loss and accuracy per epoch as a PNG."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_ax.plot(epochs, [h["loss"] for h in history], "o-")
+    loss_ax.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
+    acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    acc_ax.plot(epochs, [h["test_accuracy"] for h in history], "s-", label="test")
+    acc_ax.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
+    acc_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(f"training on {', '.join(map(str, args.contexts))} in {args.mode} mode")
+    metrics, net = train(args)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    net.save_parameters(str(args.out / "params.params"))
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot(metrics["history"], args.out / "metrics.png")
+
+    print(
+        f"test accuracy {metrics['test_accuracy']:.2%}  "
+        f"wall time {metrics['wall_time_s']:.1f} s  "
+        f"throughput {metrics['samples_per_s']:.0f} samples/s"
+    )
+    print(f"wrote params.params, metrics.json and metrics.png to {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The examples run as a user runs them, in a subprocess, with tiny settings.
+
+Each subprocess has a timeout, so a hang fails its test instead of eating CI.
+"""
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+MODES = ("map", "futures", "legacy", "sequential")
+# One short epoch, small batches: enough steps for the loss to fall.
+TINY = ["--epochs", "1", "--batch-size", "32", "--seed", "3"]
+SUBPROCESS_TIMEOUT = 100
+
+
+def run_all(commands, cwd):
+    """Run every ``python *args`` of ``commands`` at the same time, in ``cwd``.
+
+    Running them side by side uses both cores while each imports MXNet.
+    Output goes to files, so a chatty process never blocks on a full pipe.
+
+    Returns:
+        A dict: name -> ``subprocess.CompletedProcess`` with its output.
+    """
+    cwd = Path(cwd)
+    procs = {}
+    try:
+        for name, args in commands.items():
+            with open(cwd / f"{name}.out", "w") as out, open(cwd / f"{name}.err", "w") as err:
+                procs[name] = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=out, stderr=err)
+        for proc in procs.values():
+            proc.wait(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        for proc in procs.values():  # only after a timeout or an error
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {
+        name: subprocess.CompletedProcess(
+            proc.args, proc.returncode, (cwd / f"{name}.out").read_text(), (cwd / f"{name}.err").read_text()
+        )
+        for name, proc in procs.items()
+    }
+
+
+def run(args, cwd):
+    """Run ``python *args`` in ``cwd``; fail with its output unless it exits 0."""
+    return check_ok(run_all({"run": args}, cwd)["run"])
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def test_quickstart_runs_and_its_loss_goes_down(tmp_path):
+    stdout = run([EXAMPLES / "quickstart.py"], tmp_path).stdout
+    losses = [float(x) for x in re.findall(r"^epoch +\d+ +loss ([0-9.]+)$", stdout, re.MULTILINE)]
+    assert len(losses) == 20, stdout
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_readme_quickstart_is_examples_quickstart_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("\n## Quickstart\n", 1)[1]
+    block = re.search(r"^```python\n(.*?)^```$", quickstart, re.MULTILINE | re.DOTALL)
+    assert block is not None, "README's Quickstart section has no python code block"
+    assert block.group(1) == (EXAMPLES / "quickstart.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """Output folders of one tiny train_digits run per mode, all from one seed.
+
+    ``map`` goes through the real command line. The other three modes run in
+    one more process, through ``main(argv)``, to pay for importing MXNet,
+    scikit-learn and matplotlib once rather than three times.
+    """
+    root = tmp_path_factory.mktemp("digits")
+    outs = {mode: root / mode for mode in MODES}
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(EXAMPLES)!r})
+        import train_digits
+        for mode in {MODES[1:]!r}:
+            train_digits.main(["--mode", mode, "--out", {str(root)!r} + "/" + mode, *{TINY!r}])
+        """
+    )
+    procs = run_all(
+        {
+            "cli": [EXAMPLES / "train_digits.py", "--mode", "map", "--out", outs["map"], *TINY],
+            "main": ["-c", script],
+        },
+        root,
+    )
+    cli = check_ok(procs["cli"])
+    check_ok(procs["main"])
+    return outs, cli.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_train_digits_writes_params_metrics_and_plot(digits_runs, mode):
+    outs, _ = digits_runs
+    out = outs[mode]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {
+        "mode", "contexts", "seed", "epochs", "batch_size", "lr", "train_samples", "test_samples",
+        "test_accuracy", "wall_time_s", "samples_per_s", "history", "batch_loss",
+    }  # fmt: skip
+    assert metrics["mode"] == mode and metrics["epochs"] == 1 and len(metrics["history"]) == 1
+    assert set(metrics["history"][0]) == {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds", "samples_per_s"}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+    # One epoch of 1437 // 32 batches: the loss falls within it.
+    losses = metrics["batch_loss"]
+    assert len(losses) == metrics["train_samples"] // 32
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+    params = mx.nd.load(str(out / "params.params"))
+    assert params and all(np.isfinite(p.asnumpy()).all() for p in params.values())
+    assert_valid_png(out / "metrics.png")
+
+
+def assert_valid_png(path):
+    """PNG signature, an IHDR chunk with a plausible size, and Pillow decodes it."""
+    from PIL import Image  # a dependency of matplotlib, so of the examples extra
+
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert raw[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", raw[16:24])
+    assert width >= 200 and height >= 100, (width, height)
+    with Image.open(path) as image:
+        image.load()  # decodes every pixel; raises on a truncated or corrupt file
+        assert image.size == (width, height)
+
+
+def test_train_digits_prints_accuracy_wall_time_and_throughput(digits_runs):
+    _, stdout = digits_runs
+    assert re.search(r"test accuracy [0-9.]+%  wall time [0-9.]+ s  throughput [0-9]+ samples/s", stdout), stdout
+
+
+def test_train_digits_modes_end_with_the_same_parameters(digits_runs):
+    outs, _ = digits_runs
+    params = {mode: mx.nd.load(str(outs[mode] / "params.params")) for mode in MODES}
+    reference = params["map"]
+    for mode in MODES[1:]:
+        assert params[mode].keys() == reference.keys()
+        for name, value in reference.items():
+            np.testing.assert_allclose(params[mode][name].asnumpy(), value.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=f"{mode}: {name}")
+
+
+BAD_CONTEXTS = {"bad_kind": "tpu:0", "no_such_gpu": "gpu:99"}
+
+
+@pytest.fixture(scope="module")
+def cli_checks(tmp_path_factory):
+    """``--help`` and each bad ``--contexts`` value, run side by side."""
+    script = EXAMPLES / "train_digits.py"
+    commands = {name: [script, "--contexts", value] for name, value in BAD_CONTEXTS.items()}
+    commands["help"] = [script, "--help"]
+    root = tmp_path_factory.mktemp("cli")
+    return root, run_all(commands, root)
+
+
+@pytest.mark.parametrize("name", BAD_CONTEXTS)
+def test_train_digits_bad_contexts_is_a_usage_error(cli_checks, name):
+    root, procs = cli_checks
+    proc = procs[name]
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("usage: train_digits.py"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "error: argument --contexts: " in proc.stderr and repr(BAD_CONTEXTS[name]) in proc.stderr
+    assert not (root / "runs").exists()
+
+
+def test_train_digits_help_lists_every_option(cli_checks):
+    _, procs = cli_checks
+    proc = check_ok(procs["help"])
+    for option in ("--mode", "--contexts", "--epochs", "--batch-size", "--lr", "--test-size", "--seed", "--out"):
+        assert option in proc.stdout, option
+    assert all(mode in proc.stdout for mode in MODES)
+
+
+def test_gluonnlp_migration_trains_the_same_with_put_get_and_futures(tmp_path):
+    stdout = run([EXAMPLES / "gluonnlp_migration.py", "--epochs", "3"], tmp_path).stdout
+    losses = {style: [] for style in ("put/get", "futures")}
+    for style, loss in re.findall(r"^(put/get|futures) +epoch \d+  loss ([0-9.]+)$", stdout, re.MULTILINE):
+        losses[style].append(float(loss))
+    assert len(losses["put/get"]) == len(losses["futures"]) == 3, stdout
+    for curve in losses.values():
+        assert curve[-1] < 0.5 * curve[0], losses
+    np.testing.assert_allclose(losses["put/get"], losses["futures"], rtol=1e-3)
