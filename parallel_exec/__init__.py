@@ -7,13 +7,16 @@ interface, plus a drop-in for ``gluonnlp.utils.Parallel``.
 from ._compat import Parallel, Parallelizable
 from ._executor import BrokenContextExecutor, ContextExecutor
 from ._state import current_context
+from ._stats import ExecutorStats, WorkerStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BrokenContextExecutor",
     "ContextExecutor",
+    "ExecutorStats",
     "Parallel",
     "Parallelizable",
+    "WorkerStats",
     "current_context",
 ]

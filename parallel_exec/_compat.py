@@ -12,7 +12,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ._executor import ContextExecutor
 from ._mxnet import mx
@@ -72,10 +72,12 @@ class Parallel:
             raise TypeError(f"parallizable must have a callable forward_backward(x) method, got {parallizable!r}")
         self._parallizable = parallizable
         self._num_serial = num_workers if serial_init else 0
-        # Completed futures, in completion order; a done-callback feeds it.
+        # Outcomes as done futures, in completion order (_call_and_report).
         self._done: "queue.SimpleQueue[Future]" = queue.SimpleQueue()
-        # Guards _pending, _num_serial and _closed.
+        # Guards _pending and _closed. Lock order: after _serial_lock.
         self._lock = threading.Lock()
+        # Guards _num_serial and serialises the serial-init calls (see put).
+        self._serial_lock = threading.Lock()
         self._pending = 0  # put() calls whose result no get() has taken yet
         self._closed = False
         self._executor: Optional[ContextExecutor] = None
@@ -96,25 +98,20 @@ class Parallel:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot put() on a Parallel after close()")
-            inline = self._executor is None or self._num_serial > 0
-            if inline:
-                self._num_serial -= 1
             self._pending += 1
-        if inline:
-            self._done.put(self._run_inline(x))
-        else:
-            future = self._executor.submit(self._parallizable.forward_backward, x)  # type: ignore[union-attr]
-            future.add_done_callback(self._done.put)
-
-    def _run_inline(self, x: Any) -> Future:
-        """Call ``forward_backward(x)`` here; its outcome goes on a done future."""
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
-        try:
-            future.set_result(self._parallizable.forward_backward(x))
-        except BaseException as exc:  # kept for the matching get()
-            future.set_exception(exc)
-        return future
+        forward_backward = self._parallizable.forward_backward
+        if self._executor is None:
+            _call_and_report(self._done, forward_backward, x)
+            return
+        # Held across the user's call on purpose: serial-init calls must run
+        # one at a time and before any worker call, even when several threads
+        # put. Once the serial calls are done it is only ever held briefly.
+        with self._serial_lock:
+            if self._num_serial > 0:
+                self._num_serial -= 1
+                _call_and_report(self._done, forward_backward, x)
+                return
+        self._executor.submit(_call_and_report, self._done, forward_backward, x)
 
     def get(self) -> Any:
         """Return the result of a ``forward_backward`` call, in completion order.
@@ -144,3 +141,18 @@ class Parallel:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _call_and_report(done: "queue.SimpleQueue[Future]", fn: Callable[[Any], Any], x: Any) -> None:
+    """Run ``fn(x)`` and put its outcome, as a done future, on ``done``.
+
+    Reporting from inside the call (rather than from a done-callback added
+    after ``submit``) keeps ``get()`` in exact completion order.
+    """
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+    try:
+        future.set_result(fn(x))
+    except BaseException as exc:  # kept for the matching get()
+        future.set_exception(exc)
+    done.put(future)

@@ -7,9 +7,9 @@ Guarantees:
 - No lock of this package is held while user code runs (tasks,
   initializers, done-callbacks).
 - Workers hold no reference to the executor: when it is garbage-collected,
-  they finish what was queued and exit. At interpreter exit an atexit hook
-  does the same for every worker, before MXNet's own exit hook stops the
-  engine.
+  they finish what was queued and exit. At interpreter exit ``_lifecycle``'s
+  hook does the same for every worker, before MXNet's own exit hook stops
+  the engine; in a forked child, inherited executors fail clearly.
 
 Assumptions:
 - MXNet's default context and autograd flags are per thread (``_state``).
@@ -19,81 +19,27 @@ Assumptions:
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import functools
 import itertools
 import os
-import queue
 import threading
 import weakref
 from concurrent.futures import BrokenExecutor, Executor, Future
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from . import _lifecycle
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._routing import find_first_ndarray, pick_least_loaded
 from ._state import capture_autograd
-from ._worker import WorkItem, WorkerSlot, worker_loop
+from ._stats import ExecutorStats, WorkerStats
+from ._timeline import Timeline, TracedFuture, task_name
+from ._worker import WorkItem, WorkerSlot, drain_queues, worker_loop
 
 
 class BrokenContextExecutor(BrokenExecutor):
     """A worker's initializer failed; the executor accepts no more work."""
-
-
-# Every executor not yet collected, for the exit and fork hooks.
-_live_executors: "weakref.WeakSet[ContextExecutor]" = weakref.WeakSet()
-# Every worker thread started, collected executors' included, for the exit
-# hook. Weak, so finished threads do not pile up.
-_all_workers: "weakref.WeakKeyDictionary[threading.Thread, WorkerSlot]" = weakref.WeakKeyDictionary()
-# Set once by the exit hook; submit reads it to name the reason it refuses.
-_interpreter_exiting = False
-# Guards the three globals above; lock order: before an executor's lock.
-_global_lock = threading.Lock()
-
-
-def _stop_all_workers_at_exit() -> None:
-    """Let every worker finish its queued tasks, then join it."""
-    global _interpreter_exiting
-    with _global_lock:
-        _interpreter_exiting = True
-        executors = list(_live_executors)
-        workers = list(_all_workers.items())
-    for executor in executors:
-        executor.shutdown(wait=False)  # under its lock: no task lands after the sentinel
-    for _, slot in workers:
-        slot.queue.put(None)  # workers of collected executors (extra sentinels are harmless)
-    for thread, _ in workers:
-        thread.join()
-
-
-# Registered after ``import mxnet`` (done by ``_mxnet``): atexit runs hooks
-# last-in first-out, so this runs before mxnet's ``_notify_shutdown`` stops
-# the engine that the tasks may still be using.
-atexit.register(_stop_all_workers_at_exit)
-
-
-def _disable_executors_in_forked_child() -> None:
-    """After ``os.fork()`` only the forking thread exists in the child.
-
-    Locks held by other threads at fork time would stay held forever, and no
-    worker would ever serve a queue, so every inherited executor is disabled:
-    its pending futures fail and ``submit`` raises a clear error.
-    """
-    global _global_lock
-    _global_lock = threading.Lock()
-    _all_workers.clear()
-    for executor in list(_live_executors):
-        executor._disable_after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_disable_executors_in_forked_child)
-
-
-def _wake_workers_to_exit(slots: Sequence[WorkerSlot]) -> None:
-    """Finalizer of a collected executor: workers exit after their queue."""
-    for slot in slots:
-        slot.queue.put(None)
 
 
 def _check_contexts(contexts: Any) -> Tuple["mx.Context", ...]:
@@ -176,26 +122,25 @@ class ContextExecutor(Executor):
         # Guards _shutdown, _broken, the routing state (_round_robin, the
         # slots' ``submitted``) and putting items on the queues, so that no
         # item lands behind a worker's exit sentinel. Lock order: after
-        # _global_lock; the gate's lock is never taken while holding it.
+        # _lifecycle._global_lock; the gate's lock is never taken while holding it.
         self._lock = threading.Lock()
         self._shutdown = False
         self._broken: Optional[str] = None
         self._forked_away_from: Optional[int] = None  # parent's pid, in a forked child
+        self._timeline: Optional[Timeline] = None  # the active recording, if any
 
         gate = SerialInitGate(len(self._slots)) if serial_init else None
         on_failure = functools.partial(_break_executor, weakref.ref(self), self._slots)
-        with _global_lock:
-            for slot in self._slots:
-                slot.thread = threading.Thread(
-                    name=f"{prefix}_{slot.index}[{slot.context}]",
-                    target=worker_loop,
-                    args=(slot, gate, initializer, initargs, on_failure),
-                    daemon=True,  # exit is handled by _stop_all_workers_at_exit
-                )
-                slot.thread.start()
-                _all_workers[slot.thread] = slot
-            _live_executors.add(self)
-        weakref.finalize(self, _wake_workers_to_exit, self._slots).atexit = False
+        for slot in self._slots:
+            slot.thread = threading.Thread(
+                name=f"{prefix}_{slot.index}[{slot.context}]",
+                target=worker_loop,
+                args=(slot, gate, initializer, initargs, on_failure),
+                daemon=True,  # _lifecycle's exit hook ends them in order
+            )
+            slot.thread.start()
+        _lifecycle.track(self, self._slots)
+        weakref.finalize(self, _lifecycle.wake_workers_to_exit, self._slots).atexit = False
 
     @property
     def contexts(self) -> Tuple["mx.Context", ...]:
@@ -241,7 +186,9 @@ class ContextExecutor(Executor):
     def _enqueue(self, candidates: Optional[List[WorkerSlot]], fn: Callable[..., Any], args: Any, kwargs: Any) -> Future:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        item = WorkItem(Future(), fn, args, kwargs, capture_autograd())
+        timeline = self._timeline
+        future = Future() if timeline is None else TracedFuture(timeline, task_name(fn))
+        item = WorkItem(future, fn, args, kwargs, capture_autograd())
         with self._lock:
             if self._forked_away_from is not None:
                 raise RuntimeError(_forked_message(self._forked_away_from))
@@ -249,7 +196,7 @@ class ContextExecutor(Executor):
                 raise BrokenContextExecutor(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if _interpreter_exiting:
+            if _lifecycle.exiting:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if candidates is None:
                 slot = next(self._round_robin)
@@ -260,6 +207,54 @@ class ContextExecutor(Executor):
             slot.submitted += 1
             slot.queue.put(item)
         return item.future
+
+    def stats(self) -> ExecutorStats:
+        """Return a snapshot of every worker's statistics.
+
+        Cheap enough to call every step. Each worker's counts are exact for
+        every task whose future the caller has seen done.
+
+        Returns:
+            An immutable mapping ``(context, worker index) -> WorkerStats``;
+            ``str()`` of it is a table.
+        """
+        return ExecutorStats(
+            [WorkerStats.snapshot(s.context, s.index, s.submitted, s.counters) for s in self._slots]
+        )
+
+    @contextlib.contextmanager
+    def record_timeline(self, path: "os.PathLike[str] | str") -> Iterator[Timeline]:
+        """Record what runs where inside the ``with`` block; write a trace file.
+
+        The file, written when the block is left (by an exception too), is
+        Chrome trace-event JSON: open it in Perfetto or ``chrome://tracing``.
+        It has a track per worker named after its thread and context, a span
+        per task (plus its serial-init gate wait and its queued time), and a
+        track per submitting thread with its waits in ``Future.result()``
+        (``map`` waits that way). Tasks submitted inside the block are the
+        ones recorded. One recording at a time per executor.
+
+        Args:
+            path: where to write the trace.
+
+        Raises:
+            RuntimeError: a recording is already active on this executor.
+        """
+        timeline = Timeline(path)
+        with self._lock:
+            if self._timeline is not None:
+                raise RuntimeError("a timeline is already being recorded on this executor")
+            self._timeline = timeline
+        for slot in self._slots:
+            slot.timeline = timeline
+        try:
+            yield timeline
+        finally:
+            with self._lock:
+                self._timeline = None
+            for slot in self._slots:
+                slot.timeline = None
+            timeline.write()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; workers exit once their queue is done.
@@ -273,11 +268,12 @@ class ContextExecutor(Executor):
         """
         with self._lock:
             self._shutdown = True
-            drained = _drain_queues(self._slots) if cancel_futures else []
+            drained = drain_queues(self._slots) if cancel_futures else []
             for slot in self._slots:
                 slot.queue.put(None)
-        for item in drained:  # outside the lock: cancel() runs done-callbacks
-            item.future.cancel()
+        for slot, item in drained:  # outside the lock: cancel() runs done-callbacks
+            if item.future.cancel():
+                slot.counters.dropped_cancelled += 1
         if wait:
             current = threading.current_thread()
             for slot in self._slots:
@@ -289,7 +285,7 @@ class ContextExecutor(Executor):
         self._lock = threading.Lock()  # the parent's may have been held at fork time
         self._forked_away_from = os.getppid()
         message = _forked_message(self._forked_away_from)
-        stranded = _drain_queues(self._slots)
+        stranded = [item for _, item in drain_queues(self._slots)]
         stranded += [slot.running for slot in self._slots if slot.running is not None]
         for item in stranded:
             future = item.future
@@ -310,29 +306,6 @@ def _forked_message(parent_pid: int) -> str:
     )
 
 
-def _drain_queues(slots: Sequence[WorkerSlot]) -> List[WorkItem]:
-    """Take every queued work item off the workers' queues.
-
-    Exit sentinels (``None``) are put back, so a worker told to exit still
-    exits.
-    """
-    drained = []
-    for slot in slots:
-        sentinels = 0
-        while True:
-            try:
-                item = slot.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                sentinels += 1
-            else:
-                drained.append(item)
-        for _ in range(sentinels):
-            slot.queue.put(None)
-    return drained
-
-
 def _break_executor(executor_ref: "weakref.ref[ContextExecutor]", slots: Sequence[WorkerSlot]) -> None:
     """An initializer failed: refuse new work and fail every pending task.
 
@@ -344,6 +317,9 @@ def _break_executor(executor_ref: "weakref.ref[ContextExecutor]", slots: Sequenc
     if executor is not None:
         executor._refuse_new_work(reason)  # first, so nothing is queued after the drain
         del executor
-    for item in _drain_queues(slots):
+    for slot, item in drain_queues(slots):
         if item.future.set_running_or_notify_cancel():  # skips cancelled ones
+            slot.counters.dropped_failed += 1
             item.future.set_exception(BrokenContextExecutor(reason))
+        else:
+            slot.counters.dropped_cancelled += 1

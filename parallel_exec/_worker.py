@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._state import AutogradState, autograd_applied, set_worker_context
+from ._stats import WorkerCounters
+from ._timeline import Timeline, task_name
 
 LOGGER = logging.getLogger("parallel_exec")
 
@@ -23,7 +26,7 @@ LOGGER = logging.getLogger("parallel_exec")
 class WorkItem:
     """One submitted call and the future it completes."""
 
-    __slots__ = ("future", "fn", "args", "kwargs", "autograd")
+    __slots__ = ("future", "fn", "args", "kwargs", "autograd", "submit_ns")
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class WorkItem:
         self.args = args
         self.kwargs = kwargs
         self.autograd = autograd
+        self.submit_ns = time.perf_counter_ns()
 
     def run(self, slot: "WorkerSlot", gate: Optional[SerialInitGate]) -> None:
         """Run the call on this thread and complete the future.
@@ -47,9 +51,13 @@ class WorkItem:
         its next task.
         """
         if not self.future.set_running_or_notify_cancel():
+            slot.counters.cancelled += 1
+            slot.finished += 1
             return  # cancelled while queued: not a first task (API.md)
+        start_ns = time.perf_counter_ns()
         first = not slot.initialized
         counted = gate.enter(first) if gate is not None else False
+        run_ns = time.perf_counter_ns() if counted else start_ns
         try:
             # A private Context copy: ``Context.__enter__`` stores ``_old_ctx``
             # on the object itself, so a shared one would break across threads.
@@ -57,28 +65,52 @@ class WorkItem:
             with slot.pinned_context, autograd_applied(self.autograd):
                 result = self.fn(*self.args, **self.kwargs)
         except BaseException as exc:  # any exception belongs to the future
-            if gate is not None:
-                gate.leave(first, counted, succeeded=False)
+            self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             self.future.set_exception(exc)
             # Break the cycle exception -> traceback -> frame -> self.
             self = None  # noqa: PLW0642
         else:
             slot.initialized = True
-            if gate is not None:
-                gate.leave(first, counted, succeeded=True)
+            self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=True)
             self.future.set_result(result)
+
+    def _finish(
+        self,
+        slot: "WorkerSlot",
+        gate: Optional[SerialInitGate],
+        first: bool,
+        counted: bool,
+        start_ns: int,
+        run_ns: int,
+        succeeded: bool,
+    ) -> None:
+        """Leave the gate and account for the task, before its future completes.
+
+        So a caller woken by the future sees this worker's load without the
+        task, and its statistics with it.
+        """
+        end_ns = time.perf_counter_ns()
+        if gate is not None:
+            gate.leave(first, counted, succeeded)
+        slot.finished += 1
+        slot.counters.add_task(start_ns - self.submit_ns, run_ns - start_ns, end_ns - run_ns, succeeded)
+        timeline = slot.timeline
+        if timeline is not None:
+            timeline.add_task(task_name(self.fn), self.submit_ns, start_ns, run_ns, end_ns, succeeded)
 
 
 class WorkerSlot:
     """One worker's state.
 
     ``submitted`` is written only by submitting threads (under the
-    executor's lock) and ``finished`` only by the worker thread, so each
-    counter has a single writer; their difference is the worker's load.
+    executor's lock) and ``finished`` only by the worker thread, before it
+    completes the task's future; so each counter has a single writer, and
+    their difference is the worker's load.
     """
 
     __slots__ = (
-        "index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized", "running"
+        "index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized", "running",
+        "counters", "timeline",
     )
 
     def __init__(self, index: int, context: "mx.Context") -> None:
@@ -91,6 +123,8 @@ class WorkerSlot:
         self.finished = 0
         self.initialized = False  # its first task has finished without raising
         self.running: Optional[WorkItem] = None  # the item being run, for fork clean-up
+        self.counters = WorkerCounters()
+        self.timeline: Optional[Timeline] = None  # set while a recording is active
 
     @property
     def load(self) -> int:
@@ -131,9 +165,31 @@ def worker_loop(
             if item is None:
                 return
             slot.running = item
-            item.run(slot, gate)
+            item.run(slot, gate)  # counts itself in slot.finished
             slot.running = None
-            slot.finished += 1
             del item  # do not keep the task's arguments alive while idle
     except BaseException:  # only a bug in this module can get here
         LOGGER.critical("Exception in worker %s", threading.current_thread().name, exc_info=True)
+
+
+def drain_queues(slots: Sequence[WorkerSlot]) -> List[Tuple[WorkerSlot, WorkItem]]:
+    """Take every queued work item off the workers' queues.
+
+    Exit sentinels (``None``) are put back, so a worker told to exit still
+    exits.
+    """
+    drained = []
+    for slot in slots:
+        sentinels = 0
+        while True:
+            try:
+                item = slot.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                sentinels += 1
+            else:
+                drained.append((slot, item))
+        for _ in range(sentinels):
+            slot.queue.put(None)
+    return drained

@@ -1,0 +1,172 @@
+"""Per-worker statistics: counted by each worker, read as immutable snapshots.
+
+Always on, so the per-task cost is a few integer additions and two deque
+appends. Each ``WorkerCounters`` is written only by its own worker thread
+(``submitted`` excepted, see ``_worker.WorkerSlot``); a snapshot reads them
+without a lock, which under the GIL can at worst miss the task that is
+finishing at that instant. Counters are updated before the task's future
+completes, so once a caller has seen a future done, its task is counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+from typing import Deque, Iterator, Mapping, Sequence, Tuple
+
+from ._mxnet import mx
+
+_RECENT = 256  # tasks kept for the recent percentiles
+
+
+class WorkerCounters:
+    """The mutable counters of one worker (its thread writes them)."""
+
+    __slots__ = (
+        "completed", "failed", "cancelled", "dropped_cancelled", "dropped_failed",
+        "queued_ns", "gate_ns", "running_ns", "recent_queued", "recent_running",
+    )
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        # Tasks taken off the queue unrun by shutdown(cancel_futures=True) or
+        # a failed initializer: written by that thread, not the worker.
+        self.dropped_cancelled = 0
+        self.dropped_failed = 0
+        self.queued_ns = 0
+        self.gate_ns = 0
+        self.running_ns = 0
+        self.recent_queued: Deque[int] = collections.deque(maxlen=_RECENT)
+        self.recent_running: Deque[int] = collections.deque(maxlen=_RECENT)
+
+    def add_task(self, queued_ns: int, gate_ns: int, running_ns: int, succeeded: bool) -> None:
+        """Count one task that ran (called by the worker, before completing its future)."""
+        if succeeded:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self.queued_ns += queued_ns
+        self.gate_ns += gate_ns
+        self.running_ns += running_ns
+        self.recent_queued.append(queued_ns)
+        self.recent_running.append(running_ns)
+
+
+def _percentile(samples_ns: Sequence[int], fraction: float) -> float:
+    """The ``fraction`` quantile of ``samples_ns``, in seconds (0.0 if empty)."""
+    if not samples_ns:
+        return 0.0
+    if len(samples_ns) == 1:
+        return samples_ns[0] / 1e9
+    cut = statistics.quantiles(samples_ns, n=100, method="inclusive")
+    return cut[round(fraction * 100) - 1] / 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStats:
+    """What one worker has done, at the moment of the snapshot.
+
+    Attributes:
+        context: the worker's context.
+        index: the worker's position in ``ContextExecutor.contexts``.
+        submitted: tasks routed to this worker.
+        completed: tasks that returned.
+        failed: tasks that raised, and tasks failed unrun because an
+            initializer failed.
+        cancelled: tasks cancelled before they started, counted when the
+            worker reached them or ``shutdown`` discarded them.
+        in_queue: tasks queued or running now: submitted minus completed,
+            failed and cancelled.
+        queued_seconds: total time tasks waited in the queue.
+        gate_seconds: total time tasks waited at the serial-init gate.
+        running_seconds: total time tasks ran (the Python function's time).
+        queued_p50, queued_p95, running_p50, running_p95: percentiles, in
+            seconds, over the last 256 tasks.
+    """
+
+    context: "mx.Context"
+    index: int
+    submitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    in_queue: int
+    queued_seconds: float
+    gate_seconds: float
+    running_seconds: float
+    queued_p50: float
+    queued_p95: float
+    running_p50: float
+    running_p95: float
+
+    @classmethod
+    def snapshot(cls, context: "mx.Context", index: int, submitted: int, counters: WorkerCounters) -> "WorkerStats":
+        """Freeze ``counters`` (copying the deques first: the worker appends)."""
+        queued = list(counters.recent_queued)
+        running = list(counters.recent_running)
+        failed = counters.failed + counters.dropped_failed
+        cancelled = counters.cancelled + counters.dropped_cancelled
+        return cls(
+            context=context,
+            index=index,
+            submitted=submitted,
+            completed=counters.completed,
+            failed=failed,
+            cancelled=cancelled,
+            in_queue=submitted - counters.completed - failed - cancelled,
+            queued_seconds=counters.queued_ns / 1e9,
+            gate_seconds=counters.gate_ns / 1e9,
+            running_seconds=counters.running_ns / 1e9,
+            queued_p50=_percentile(queued, 0.50),
+            queued_p95=_percentile(queued, 0.95),
+            running_p50=_percentile(running, 0.50),
+            running_p95=_percentile(running, 0.95),
+        )
+
+
+class ExecutorStats(Mapping[Tuple["mx.Context", int], WorkerStats]):
+    """An immutable snapshot of every worker's ``WorkerStats``.
+
+    A mapping keyed by ``(context, worker index)``, in worker order; ``str``
+    gives a small table.
+    """
+
+    _COLUMNS = (
+        ("worker", lambda s: f"{s.index}:{s.context}"),
+        ("submitted", lambda s: str(s.submitted)),
+        ("ok", lambda s: str(s.completed)),
+        ("failed", lambda s: str(s.failed)),
+        ("cancelled", lambda s: str(s.cancelled)),
+        ("in queue", lambda s: str(s.in_queue)),
+        ("queued s", lambda s: f"{s.queued_seconds:.3f}"),
+        ("gate s", lambda s: f"{s.gate_seconds:.3f}"),
+        ("running s", lambda s: f"{s.running_seconds:.3f}"),
+        ("run p50 ms", lambda s: f"{s.running_p50 * 1e3:.2f}"),
+        ("run p95 ms", lambda s: f"{s.running_p95 * 1e3:.2f}"),
+    )
+
+    def __init__(self, workers: Sequence[WorkerStats]) -> None:
+        self._workers = tuple(workers)
+        self._by_key = {(w.context, w.index): w for w in self._workers}
+
+    def __getitem__(self, key: Tuple["mx.Context", int]) -> WorkerStats:
+        return self._by_key[key]
+
+    def __iter__(self) -> Iterator[Tuple["mx.Context", int]]:
+        return iter(self._by_key)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __str__(self) -> str:
+        rows = [[name for name, _ in self._COLUMNS]]
+        rows += [[cell(w) for _, cell in self._COLUMNS] for w in self._workers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ExecutorStats({list(self._workers)!r})"
