@@ -26,6 +26,7 @@ leaves ``params.params``, ``metrics.json`` and ``metrics.png`` in ``--out``.
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import time
@@ -85,55 +86,48 @@ def parse_contexts(text):
     return contexts
 
 
-def positive_int(text):
-    """An ``int`` >= 1, for argparse."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def positive(kind):
+    """An argparse ``type``: ``kind(text)``, which must be greater than 0."""
 
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
 
-def positive_float(text):
-    """A ``float`` > 0, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
+    return convert
 
 
 def parse_args(argv=None):
+    """The command line as a Namespace; a bad value exits with status 2."""
     parser = argparse.ArgumentParser(
         description="Train a small CNN on scikit-learn's digits, one shard of each batch per device.",
         epilog="Example: python examples/train_digits.py --mode futures --contexts cpu:0,cpu:1",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--mode", choices=MODES, default="map", help="how the shards of a batch are driven")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--mode", choices=MODES, default="map", help="how the shards of a batch are driven (default: %(default)s)")
+    add(
         "--contexts",
         type=parse_contexts,
-        default=None,
         metavar="LIST",
         help="devices, e.g. cpu:0,cpu:1 or gpu:0,gpu:1 (default: every GPU MXNet sees, else cpu:0,cpu:1)",
     )
-    parser.add_argument("--epochs", type=positive_int, default=12, help="passes over the training set")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, over all devices")
-    parser.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate")
-    parser.add_argument("--test-size", type=float, default=0.2, help="fraction of the images held out for testing")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the initial parameters, the split and the batch order")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/digits-<mode>/)")
+    add("--epochs", type=positive(int), default=12, help="passes over the training set (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=64, help="samples per batch, all devices (default: %(default)s)")
+    add("--lr", type=positive(float), default=0.002, help="Adam learning rate (default: %(default)s)")
+    add("--test-size", type=float, default=0.2, help="fraction of images held out (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seeds parameters, split, batch order (default: %(default)s)")
+    add("--out", type=Path, help="output folder (default: runs/digits-<mode>/)")
     args = parser.parse_args(argv)
     if args.contexts is None:
         args.contexts = default_contexts()
     if args.batch_size < len(args.contexts):
         parser.error(f"--batch-size {args.batch_size} is smaller than the number of contexts ({len(args.contexts)})")
-    if not 0 < args.test_size < 1:
-        parser.error(f"--test-size must be between 0 and 1, got {args.test_size}")
+    if not 0.05 <= args.test_size <= 0.9:
+        parser.error(f"--test-size must be between 0.05 and 0.9, got {args.test_size}")
     if args.out is None:
         args.out = Path("runs") / f"digits-{args.mode}"
     return args
@@ -199,11 +193,19 @@ class ShardStep(pe.Parallelizable):
         return self(*shard)
 
 
+# Shards may differ by one sample when the batch does not divide evenly.
+split_and_load = functools.partial(gluon.utils.split_and_load, even_split=False)
+
+
 def shard_batch(batch, contexts):
     """One (data, label) shard per context, already copied to its device."""
     data, label = batch
-    split = gluon.utils.split_and_load
-    return list(zip(split(data, contexts, even_split=False), split(label, contexts, even_split=False)))
+    return list(zip(split_and_load(data, contexts), split_and_load(label, contexts)))
+
+
+def add_up(results):
+    """Sum (loss, correct) pairs over the shards of a batch."""
+    return sum(loss for loss, _ in results), sum(correct for _, correct in results)
 
 
 # --- The four ways to drive the shards -----------------------------------------
@@ -214,33 +216,33 @@ def shard_batch(batch, contexts):
 
 def drive_sequential(step, contexts, batches):
     for batch in batches:
-        results = [step(data, label) for data, label in shard_batch(batch, contexts)]
-        yield tuple(map(sum, zip(*results)))
+        yield add_up([step(data, label) for data, label in shard_batch(batch, contexts)])
 
 
 def drive_map(executor, step, contexts, batches):
     for data, label in batches:
-        split = gluon.utils.split_and_load
-        results = executor.map(
-            step, split(data, contexts, even_split=False), split(label, contexts, even_split=False)
-        )
-        yield tuple(map(sum, zip(*results)))
+        yield add_up(executor.map(step, split_and_load(data, contexts), split_and_load(label, contexts)))
 
 
 def drive_futures(executor, step, contexts, batches):
-    batches = iter(batches)
-    shards = shard_batch(next(batches), contexts)
-    while shards:
-        futures = [executor.submit(step, data, label) for data, label in shards]
-        # Load the next batch onto the devices while they work on this one.
-        batch = next(batches, None)
-        shards = shard_batch(batch, contexts) if batch is not None else None
-        loss_sum = correct = 0.0
-        for future in as_completed(futures):
-            shard_loss, shard_correct = future.result()
-            loss_sum += shard_loss
-            correct += shard_correct
-        yield loss_sum, correct
+    pending = None  # futures of the batch the devices are working on
+    for batch in batches:
+        shards = shard_batch(batch, contexts)  # loaded while the devices work on `pending`
+        if pending:
+            yield add_up_as_completed(pending)
+        pending = [executor.submit(step, data, label) for data, label in shards]
+    if pending:
+        yield add_up_as_completed(pending)
+
+
+def add_up_as_completed(futures):
+    """Sum (loss, correct) over a batch's futures, in the order shards finish."""
+    loss_sum = correct = 0.0
+    for future in as_completed(futures):
+        shard_loss, shard_correct = future.result()
+        loss_sum += shard_loss
+        correct += shard_correct
+    return loss_sum, correct
 
 
 def drive_legacy(parallel, step, contexts, batches):
@@ -248,8 +250,7 @@ def drive_legacy(parallel, step, contexts, batches):
         shards = shard_batch(batch, contexts)
         for shard in shards:
             parallel.put(shard)
-        results = [parallel.get() for _ in shards]
-        yield tuple(map(sum, zip(*results)))
+        yield add_up([parallel.get() for _ in shards])
 
 
 def make_driver(mode, step, contexts, stack):
@@ -289,6 +290,8 @@ def train(args):
     step = ShardStep(net)
 
     batches_per_epoch = len(train_x) // args.batch_size
+    if batches_per_epoch == 0:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(train_x)} training images")
     history, batch_losses = [], []
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -296,22 +299,17 @@ def train(args):
         for epoch in range(1, args.epochs + 1):
             epoch_start = time.perf_counter()
             loss_sum = correct = seen = 0.0
-            bar = tqdm(
-                total=batches_per_epoch * args.batch_size,
-                desc=f"epoch {epoch}/{args.epochs}",
-                unit="samples",
-                leave=True,
-            )
             batches = iter_batches(train_x, train_y, args.batch_size, rng)
-            for batch_loss, batch_correct in drive(batches):
-                trainer.step(args.batch_size)  # gradients are summed over the full batch
-                batch_losses.append(batch_loss / args.batch_size)
-                loss_sum += batch_loss
-                correct += batch_correct
-                seen += args.batch_size
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-                bar.update(args.batch_size)
-            bar.close()
+            total = batches_per_epoch * args.batch_size
+            with tqdm(total=total, desc=f"epoch {epoch}/{args.epochs}", unit="samples") as bar:
+                for batch_loss, batch_correct in drive(batches):
+                    trainer.step(args.batch_size)  # gradients are summed over the full batch
+                    batch_losses.append(batch_loss / args.batch_size)
+                    loss_sum += batch_loss
+                    correct += batch_correct
+                    seen += args.batch_size
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+                    bar.update(args.batch_size)
             seconds = time.perf_counter() - epoch_start
             history.append(
                 {

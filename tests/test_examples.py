@@ -119,7 +119,8 @@ def test_train_digits_writes_params_metrics_and_plot(digits_runs, mode):
         "test_accuracy", "wall_time_s", "samples_per_s", "history", "batch_loss",
     }  # fmt: skip
     assert metrics["mode"] == mode and metrics["epochs"] == 1 and len(metrics["history"]) == 1
-    assert set(metrics["history"][0]) == {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds", "samples_per_s"}
+    epoch_keys = {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds", "samples_per_s"}
+    assert set(metrics["history"][0]) == epoch_keys
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
 
     # One epoch of 1437 // 32 batches: the loss falls within it.
@@ -158,7 +159,9 @@ def test_train_digits_modes_end_with_the_same_parameters(digits_runs):
     for mode in MODES[1:]:
         assert params[mode].keys() == reference.keys()
         for name, value in reference.items():
-            np.testing.assert_allclose(params[mode][name].asnumpy(), value.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=f"{mode}: {name}")
+            np.testing.assert_allclose(
+                params[mode][name].asnumpy(), value.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=f"{mode}: {name}"
+            )
 
 
 BAD_CONTEXTS = {"bad_kind": "tpu:0", "no_such_gpu": "gpu:99"}
