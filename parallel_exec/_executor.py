@@ -194,10 +194,10 @@ class ContextExecutor(Executor):
                 raise RuntimeError(_forked_message(self._forked_away_from))
             if self._broken:
                 raise BrokenContextExecutor(self._broken)
+            if _lifecycle.exiting:  # first: the exit hook also shuts executors down
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if _lifecycle.exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if candidates is None:
                 slot = next(self._round_robin)
             elif len(candidates) == 1:

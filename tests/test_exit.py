@@ -172,7 +172,7 @@ def test_submit_during_interpreter_exit_raises():
     assert lines[0] == "before exit"
     assert len(lines) == 3
     for line in lines[1:]:
-        assert line.startswith("refused:") and "shutdown" in line
+        assert line.startswith("refused:") and "interpreter shutdown" in line
 
 
 @pytest.mark.parametrize("hide", ["None", "raise"])
