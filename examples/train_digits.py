@@ -121,6 +121,12 @@ def parse_args(argv=None):
     add("--test-size", type=float, default=0.2, help="fraction of images held out (default: %(default)s)")
     add("--seed", type=int, default=0, help="seeds parameters, split, batch order (default: %(default)s)")
     add("--out", type=Path, help="output folder (default: runs/digits-<mode>/)")
+    add(
+        "--trace",
+        type=Path,
+        metavar="PATH",
+        help="write a Chrome trace of what ran on which device (map and futures modes; open it in Perfetto)",
+    )
     args = parser.parse_args(argv)
     if args.contexts is None:
         args.contexts = default_contexts()
@@ -130,6 +136,8 @@ def parse_args(argv=None):
         parser.error(f"--test-size must be between 0.05 and 0.9, got {args.test_size}")
     if args.out is None:
         args.out = Path("runs") / f"digits-{args.mode}"
+    if args.trace is not None and args.mode not in ("map", "futures"):
+        parser.error(f"--trace needs --mode map or futures (the modes with a ContextExecutor), got {args.mode}")
     return args
 
 
@@ -254,18 +262,19 @@ def drive_legacy(parallel, step, contexts, batches):
 
 
 def make_driver(mode, step, contexts, stack):
-    """A function ``batches -> (loss, correct) per batch`` for ``mode``.
+    """A function ``batches -> (loss, correct) per batch`` for ``mode``, and its executor.
 
-    Executors are entered on ``stack``, so they close when the run ends.
+    Executors are entered on ``stack``, so they close when the run ends. The
+    executor is ``None`` for the modes that have none.
     """
     if mode == "sequential":
-        return lambda batches: drive_sequential(step, contexts, batches)
+        return (lambda batches: drive_sequential(step, contexts, batches)), None
     if mode == "legacy":
         parallel = stack.enter_context(pe.Parallel(len(contexts), step))
-        return lambda batches: drive_legacy(parallel, step, contexts, batches)
+        return (lambda batches: drive_legacy(parallel, step, contexts, batches)), None
     executor = stack.enter_context(pe.ContextExecutor(contexts))
     drive = drive_map if mode == "map" else drive_futures
-    return lambda batches: drive(executor, step, contexts, batches)
+    return (lambda batches: drive(executor, step, contexts, batches)), executor
 
 
 # --- Training -----------------------------------------------------------------
@@ -295,7 +304,8 @@ def train(args):
     history, batch_losses = [], []
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        drive = make_driver(args.mode, step, contexts, stack)
+        drive, executor = make_driver(args.mode, step, contexts, stack)
+        timeline = stack.enter_context(executor.record_timeline(args.trace)) if args.trace is not None else None
         for epoch in range(1, args.epochs + 1):
             epoch_start = time.perf_counter()
             loss_sum = correct = seen = 0.0
@@ -321,6 +331,9 @@ def train(args):
                     "samples_per_s": seen / seconds,
                 }
             )
+        worker_stats = str(executor.stats()) if executor is not None else None
+        if timeline is not None:
+            worker_stats += f"\nshards overlapped: {timeline.mean_concurrency():.2f} tasks running at once on average"
     wall_time = time.perf_counter() - start
     metrics = {
         "mode": args.mode,
@@ -337,7 +350,7 @@ def train(args):
         "history": history,
         "batch_loss": batch_losses,
     }
-    return metrics, net
+    return metrics, net, worker_stats
 
 
 def plot(history, path):
@@ -358,7 +371,7 @@ def plot(history, path):
 def main(argv=None):
     args = parse_args(argv)
     print(f"training on {', '.join(map(str, args.contexts))} in {args.mode} mode")
-    metrics, net = train(args)
+    metrics, net, worker_stats = train(args)
 
     args.out.mkdir(parents=True, exist_ok=True)
     net.save_parameters(str(args.out / "params.params"))
@@ -371,6 +384,11 @@ def main(argv=None):
         f"throughput {metrics['samples_per_s']:.0f} samples/s"
     )
     print(f"wrote params.params, metrics.json and metrics.png to {args.out}/")
+    if worker_stats is not None:
+        print("per-device statistics:")
+        print(worker_stats)
+    if args.trace is not None:
+        print(f"wrote the timeline to {args.trace} (open it in https://ui.perfetto.dev)")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,22 @@ class Timeline:
         start = self._us(start_ns)
         return {"ph": "X", "cat": cat, "name": name, "pid": self._pid, "tid": tid, "ts": start, "dur": max(0.0, self._us(end_ns) - start), "args": args}
 
+    def mean_concurrency(self) -> float:
+        """How many tasks ran at once, on average, while any task ran.
+
+        1.0 means the tasks never overlapped; with N devices fully busy in
+        parallel it approaches N. 0.0 if no task was recorded. Answers "did
+        my shards overlap?" without opening the trace.
+        """
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in list(self._events) if e.get("cat") == "task")
+        busy = covered_until = 0.0
+        for start, end in spans:
+            if end > covered_until:
+                busy += end - max(start, covered_until)
+                covered_until = end
+        total = sum(end - start for start, end in spans)
+        return total / busy if busy > 0 else 0.0
+
     def write(self) -> None:
         """Write the events recorded so far to ``path``."""
         meta = [

@@ -99,7 +99,7 @@ def digits_runs(tmp_path_factory):
     )
     procs = run_all(
         {
-            "cli": [EXAMPLES / "train_digits.py", "--mode", "map", "--out", outs["map"], *TINY],
+            "cli": [EXAMPLES / "train_digits.py", "--mode", "map", "--out", outs["map"], "--trace", root / "trace.json", *TINY],
             "main": ["-c", script],
         },
         root,
@@ -152,6 +152,19 @@ def test_train_digits_prints_accuracy_wall_time_and_throughput(digits_runs):
     assert re.search(r"test accuracy [0-9.]+%  wall time [0-9.]+ s  throughput [0-9]+ samples/s", stdout), stdout
 
 
+def test_train_digits_trace_and_statistics_show_what_ran_where(digits_runs):
+    outs, stdout = digits_runs
+    table = stdout.split("per-device statistics:\n", 1)[1].splitlines()
+    assert table[0].split()[:3] == ["worker", "submitted", "ok"]
+    assert [row.split()[0] for row in table[1:3]] == ["0:cpu(0)", "1:cpu(1)"]
+    assert re.search(r"shards overlapped: [0-9.]+ tasks running at once on average", stdout), stdout
+    events = json.loads((outs["map"].parent / "trace.json").read_text())["traceEvents"]
+    tracks = {e["tid"] for e in events if e.get("cat") == "task"}
+    assert len(tracks) == 2  # one track per device's worker
+    batches = json.loads((outs["map"] / "metrics.json").read_text())["train_samples"] // 32
+    assert sum(e.get("cat") == "task" for e in events) == 2 * batches  # one span per shard
+
+
 def test_train_digits_modes_end_with_the_same_parameters(digits_runs):
     outs, _ = digits_runs
     params = {mode: mx.nd.load(str(outs[mode] / "params.params")) for mode in MODES}
@@ -191,7 +204,7 @@ def test_train_digits_bad_contexts_is_a_usage_error(cli_checks, name):
 def test_train_digits_help_lists_every_option(cli_checks):
     _, procs = cli_checks
     proc = check_ok(procs["help"])
-    for option in ("--mode", "--contexts", "--epochs", "--batch-size", "--lr", "--test-size", "--seed", "--out"):
+    for option in ("--mode", "--contexts", "--epochs", "--batch-size", "--lr", "--test-size", "--seed", "--out", "--trace"):
         assert option in proc.stdout, option
     assert all(mode in proc.stdout for mode in MODES)
 

@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import threading
+import time
 
 import mxnet as mx
 import pytest
@@ -88,3 +89,24 @@ def test_recording_stops_and_writes_when_the_region_raises(tmp_path):
                     pass
     tasks = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "task"]
     assert len(tasks) == 1
+
+
+def test_mean_concurrency_tells_whether_tasks_overlapped(tmp_path):
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def meet():
+        barrier.wait()
+        time.sleep(0.01)  # both tasks are inside together for at least this long
+
+    with pe.ContextExecutor(CPU2, serial_init=False) as ex:
+        with ex.record_timeline(tmp_path / "together.json") as together:
+            for future in [ex.submit_to(c, meet) for c in CPU2]:
+                future.result(TIMEOUT)
+        with ex.record_timeline(tmp_path / "apart.json") as apart:
+            for _ in range(3):
+                ex.submit_to(mx.cpu(0), time.sleep, 0.001).result(TIMEOUT)
+        with ex.record_timeline(tmp_path / "empty.json") as empty:
+            pass
+    assert together.mean_concurrency() > 1.2
+    assert apart.mean_concurrency() == pytest.approx(1.0)
+    assert empty.mean_concurrency() == 0.0
