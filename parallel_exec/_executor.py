@@ -231,8 +231,8 @@ class ContextExecutor(Executor):
         It has a track per worker named after its thread and context, a span
         per task (plus its serial-init gate wait and its queued time), and a
         track per submitting thread with its waits in ``Future.result()``
-        (``map`` waits that way). Tasks submitted inside the block are the
-        ones recorded. One recording at a time per executor.
+        (``map`` waits that way). The tasks recorded are those that finish
+        inside the block. One recording at a time per executor.
 
         Args:
             path: where to write the trace.
