@@ -52,19 +52,16 @@ def test_times_are_consistent_with_a_task_that_blocks():
         assert started.wait(TIMEOUT)
         during = ex.stats()[(mx.cpu(0), 0)]
         assert during.in_queue == 2 and during.completed == 0
-        begin = time.perf_counter()
         time.sleep(0.05)  # a lower bound for the times below, not an ordering device
         release.set()
         running.result(TIMEOUT)
         waiting.result(TIMEOUT)
-        held = time.perf_counter() - begin
         after = ex.stats()[(mx.cpu(0), 0)]
     assert after.completed == 2 and after.in_queue == 0
     assert after.running_seconds >= 0.05 and after.queued_seconds >= 0.05
     assert after.gate_seconds == 0.0  # serial_init=False: no gate
     assert 0.0 <= after.running_p50 <= after.running_p95 <= after.running_seconds
     assert 0.0 <= after.queued_p50 <= after.queued_p95 <= after.queued_seconds
-    assert held > 0
 
 
 def test_gate_time_is_counted_for_tasks_held_by_a_first_task():
