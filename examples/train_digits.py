@@ -212,8 +212,12 @@ def shard_batch(batch, contexts):
 
 
 def add_up(results):
-    """Sum (loss, correct) pairs over the shards of a batch."""
-    return sum(loss for loss, _ in results), sum(correct for _, correct in results)
+    """Sum (loss, correct) pairs over the shards of a batch (any iterable, read once)."""
+    loss_sum = correct = 0.0
+    for shard_loss, shard_correct in results:
+        loss_sum += shard_loss
+        correct += shard_correct
+    return loss_sum, correct
 
 
 # --- The four ways to drive the shards -----------------------------------------
@@ -245,12 +249,7 @@ def drive_futures(executor, step, contexts, batches):
 
 def add_up_as_completed(futures):
     """Sum (loss, correct) over a batch's futures, in the order shards finish."""
-    loss_sum = correct = 0.0
-    for future in as_completed(futures):
-        shard_loss, shard_correct = future.result()
-        loss_sum += shard_loss
-        correct += shard_correct
-    return loss_sum, correct
+    return add_up(future.result() for future in as_completed(futures))
 
 
 def drive_legacy(parallel, step, contexts, batches):

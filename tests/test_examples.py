@@ -122,6 +122,7 @@ def test_train_digits_writes_params_metrics_and_plot(digits_runs, mode):
     epoch_keys = {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds", "samples_per_s"}
     assert set(metrics["history"][0]) == epoch_keys
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["history"][0]["train_accuracy"] > 0.3  # chance is 0.1; counted in every mode
 
     # One epoch of 1437 // 32 batches: the loss falls within it.
     losses = metrics["batch_loss"]
