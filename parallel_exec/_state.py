@@ -4,14 +4,16 @@ MXNet keeps the default context (``Context._default_ctx``, a
 ``threading.local``) and the autograd recording/training flags (C++
 ``thread_local``) per thread, so a worker thread starts with none of the
 caller's. This module moves them across: ``capture_autograd`` in the
-submitting thread, ``autograd_applied`` around the task in the worker.
+submitting thread, ``apply_autograd`` and ``restore_autograd`` around the
+task in the worker. Each flag read or set is a call into MXNet's C library,
+the largest per-task cost of a worker, so a worker sets only what differs
+from its own flags.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from ._mxnet import mx
 
@@ -45,17 +47,15 @@ def capture_autograd() -> AutogradState:
     return AutogradState(mx.autograd.is_recording(), mx.autograd.is_training())
 
 
-@contextlib.contextmanager
-def autograd_applied(state: AutogradState) -> Iterator[None]:
-    """Put ``state`` in force in this thread, then restore what was there.
+def apply_autograd(state: AutogradState, own: AutogradState) -> None:
+    """Put the submitter's ``state`` in force in a worker whose flags are ``own``."""
+    if state.recording != own.recording:
+        mx.autograd.set_recording(state.recording)
+    if state.training != own.training:
+        mx.autograd.set_training(state.training)
 
-    The setters return the previous value, so the restore is exact even if the
-    task changes the flags itself and does not undo that.
-    """
-    prev_recording = mx.autograd.set_recording(state.recording)
-    prev_training = mx.autograd.set_training(state.training)
-    try:
-        yield
-    finally:
-        mx.autograd.set_recording(prev_recording)
-        mx.autograd.set_training(prev_training)
+
+def restore_autograd(own: AutogradState) -> None:
+    """Put the worker's ``own`` flags back, whatever the task left in force."""
+    mx.autograd.set_recording(own.recording)
+    mx.autograd.set_training(own.training)

@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ._gate import SerialInitGate
 from ._mxnet import mx
-from ._state import AutogradState, autograd_applied, set_worker_context
+from ._state import AutogradState, apply_autograd, capture_autograd, restore_autograd, set_worker_context
 from ._stats import WorkerCounters
 from ._timeline import Timeline, task_name
 
@@ -62,8 +62,12 @@ class WorkItem:
             # A private Context copy: ``Context.__enter__`` stores ``_old_ctx``
             # on the object itself, so a shared one would break across threads.
             # Entering it per task also undoes a context an earlier task left.
-            with slot.pinned_context, autograd_applied(self.autograd):
-                result = self.fn(*self.args, **self.kwargs)
+            with slot.pinned_context:
+                apply_autograd(self.autograd, slot.own_autograd)
+                try:
+                    result = self.fn(*self.args, **self.kwargs)
+                finally:
+                    restore_autograd(slot.own_autograd)
         except BaseException as exc:  # any exception belongs to the future
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             self.future.set_exception(exc)
@@ -110,7 +114,7 @@ class WorkerSlot:
 
     __slots__ = (
         "index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized", "running",
-        "counters", "timeline",
+        "own_autograd", "counters", "timeline",
     )
 
     def __init__(self, index: int, context: "mx.Context") -> None:
@@ -123,6 +127,7 @@ class WorkerSlot:
         self.finished = 0
         self.initialized = False  # its first task has finished without raising
         self.running: Optional[WorkItem] = None  # the item being run, for fork clean-up
+        self.own_autograd = AutogradState(False, False)  # the worker's flags between tasks
         self.counters = WorkerCounters()
         self.timeline: Optional[Timeline] = None  # set while a recording is active
 
@@ -158,6 +163,7 @@ def worker_loop(
             LOGGER.critical("Exception in initializer of %s", threading.current_thread().name, exc_info=True)
             on_initializer_failure()
             return
+    slot.own_autograd = capture_autograd()  # as the initializer left them
     work_queue = slot.queue
     try:
         while True:
