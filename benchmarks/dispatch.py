@@ -1,0 +1,164 @@
+"""Section 1: dispatch overhead of a trivial task, in microseconds per task.
+
+The task returns its argument, so every microsecond measured is the cost of
+handing work to a thread and getting the answer back. Each shard is an
+NDArray on its own context, as in a real data-parallel step, so
+``ContextExecutor`` pays for routing too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import mxnet as mx
+
+import parallel_exec as pe
+from harness import Summary, ratios, run_rounds
+
+try:
+    import gluonnlp.utils as gluonnlp_utils
+except ImportError:  # the table then has no gluonnlp row
+    gluonnlp_utils = None
+
+
+def noop(x):
+    return x
+
+
+class _Noop(pe.Parallelizable):
+    def forward_backward(self, x):
+        return x
+
+
+@dataclass
+class DispatchResult:
+    """Per-task microseconds of every variant at one N, plus in-round ratios."""
+
+    n: int
+    tasks_per_measurement: int
+    us_per_task: Dict[str, Summary]
+    ratio: Dict[str, Summary]  # "a / b" -> summary of per-round ratios
+
+
+def _close_gluonnlp_parallel(parallel) -> None:
+    """gluonnlp's workers are non-daemon and stop only in ``__del__``."""
+    parallel.__del__()
+
+
+def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> DispatchResult:
+    """Measure every dispatch variant with ``n`` workers, interleaved in rounds."""
+    contexts = [mx.cpu(i) for i in range(n)]
+    shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
+    per_shard_loops = range(tasks // n)
+    executor = pe.ContextExecutor(contexts)
+    pool = ThreadPoolExecutor(n)
+    ours = pe.Parallel(n, _Noop())
+    theirs = gluonnlp_utils.Parallel(n, _Noop()) if gluonnlp_utils is not None else None
+    trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
+
+    def submit_result(ex) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for i in range(tasks):
+                ex.submit(noop, shards[i % n]).result()
+            return time.perf_counter() - start
+
+        return run
+
+    def map_shards(ex) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for _ in per_shard_loops:
+                list(ex.map(noop, shards))
+            return time.perf_counter() - start
+
+        return run
+
+    def recorded(run: Callable[[], float]) -> Callable[[], float]:
+        # Timed inside the block: writing the file at the end is not dispatch.
+        def run_recorded() -> float:
+            with executor.record_timeline(os.path.join(trace_dir, "trace.json")):
+                return run()
+
+        return run_recorded
+
+    def put_get(parallel) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for _ in per_shard_loops:
+                for shard in shards:
+                    parallel.put(shard)
+                for _ in shards:
+                    parallel.get()
+            return time.perf_counter() - start
+
+        return run
+
+    def plain_loop() -> float:
+        start = time.perf_counter()
+        for i in range(tasks):
+            noop(shards[i % n])
+        return time.perf_counter() - start
+
+    variants: Dict[str, Callable[[], float]] = {
+        "plain call loop (floor)": plain_loop,
+        "ThreadPoolExecutor submit+result": submit_result(pool),
+        "ContextExecutor submit+result": submit_result(executor),
+        "ContextExecutor submit+result, timeline on": recorded(submit_result(executor)),
+        "ThreadPoolExecutor map": map_shards(pool),
+        "ContextExecutor map": map_shards(executor),
+        "ContextExecutor map, timeline on": recorded(map_shards(executor)),
+        "pe.Parallel put/get": put_get(ours),
+    }
+    if theirs is not None:
+        variants["gluonnlp Parallel put/get"] = put_get(theirs)
+    try:
+        for run in variants.values():  # warm-up, also passes the serial-init calls
+            run()
+        seconds = run_rounds(variants, rounds, progress)
+    finally:
+        executor.shutdown()
+        pool.shutdown()
+        ours.close()
+        if theirs is not None:
+            _close_gluonnlp_parallel(theirs)
+        for name in os.listdir(trace_dir):
+            os.remove(os.path.join(trace_dir, name))
+        os.rmdir(trace_dir)
+
+    done = (tasks // n) * n
+    per_task = {name: [s / (tasks if "submit" in name or "plain" in name else done) * 1e6 for s in values] for name, values in seconds.items()}
+    pairs = [
+        ("ContextExecutor submit+result", "ThreadPoolExecutor submit+result"),
+        ("ContextExecutor map", "ThreadPoolExecutor map"),
+        ("ContextExecutor submit+result, timeline on", "ContextExecutor submit+result"),
+        ("ContextExecutor map, timeline on", "ContextExecutor map"),
+    ]
+    if theirs is not None:
+        pairs += [
+            ("pe.Parallel put/get", "gluonnlp Parallel put/get"),
+            ("ContextExecutor map", "gluonnlp Parallel put/get"),
+        ]
+    return DispatchResult(
+        n=n,
+        tasks_per_measurement=tasks,
+        us_per_task={name: Summary.of(values) for name, values in per_task.items()},
+        ratio={f"{a} / {b}": Summary.of(ratios(per_task, a, b)) for a, b in pairs},
+    )
+
+
+def table(results: List[DispatchResult]) -> str:
+    """Markdown table: one row per variant, one column per N."""
+    header = "| variant | " + " | ".join(f"N={r.n}: us/task (median ± IQR/2)" for r in results) + " |"
+    lines = [header, "|---|" + "---:|" * len(results)]
+    for name in results[0].us_per_task:
+        lines.append(f"| {name} | " + " | ".join(r.us_per_task[name].fmt(1) for r in results) + " |")
+    lines += ["", "| ratio (within each round) | " + " | ".join(f"N={r.n}" for r in results) + " |", "|---|" + "---:|" * len(results)]
+    for name in results[0].ratio:
+        lines.append(f"| {name} | " + " | ".join(r.ratio[name].fmt(2) for r in results) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Shared measurement helpers: interleaved rounds, medians, IQRs, environment.
+
+Every section measures its variants in one process, interleaved in rounds
+(A B C A B C ...), so slow drift of a shared machine hits all variants alike.
+Ratios between variants are taken within a round, then summarised.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Sequence
+
+# The settings that change how MXNet schedules work on CPUs.
+ENV_VARS = ("MXNET_ENGINE_TYPE", "OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_CPU_PRIORITY_NTHREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median and interquartile range of a list of samples."""
+
+    median: float
+    q1: float
+    q3: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Summary":
+        values = sorted(samples)
+        if len(values) == 1:
+            return cls(values[0], values[0], values[0], 1)
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return cls(median, q1, q3, len(values))
+
+    def fmt(self, digits: int = 2) -> str:
+        return f"{self.median:.{digits}f} ± {self.iqr / 2:.{digits}f}"
+
+
+def run_rounds(variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+    """Run each variant once per round, in the given order, ``rounds`` times.
+
+    Args:
+        variants: name -> a callable that does one measurement and returns
+            its figure (seconds, or whatever the section measures).
+        rounds: how many rounds.
+        progress: called after every measurement (a progress bar's update).
+
+    Returns:
+        name -> one figure per round, in round order.
+    """
+    results: Dict[str, List[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, measure in variants.items():
+            results[name].append(measure())
+            progress()
+    return results
+
+
+def ratios(results: Mapping[str, List[float]], name: str, reference: str) -> List[float]:
+    """Per-round ratio ``results[name] / results[reference]``."""
+    return [a / b for a, b in zip(results[name], results[reference])]
+
+
+def timed(fn: Callable[[], None]) -> float:
+    """Wall-clock seconds that ``fn()`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 2**30
+    except ImportError:
+        return float("nan")
+
+
+def _git_commit(repo: str) -> str:
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "parallel_exec"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" (parallel_exec/ has uncommitted changes)" if dirty else "")
+
+
+def environment() -> Dict[str, str]:
+    """Machine, versions and MXNet engine/OpenMP settings, as display strings."""
+    import mxnet as mx
+    import numpy
+
+    import parallel_exec
+
+    try:
+        import gluonnlp
+
+        gluonnlp_version = gluonnlp.__version__
+    except ImportError:
+        gluonnlp_version = "not installed"
+    features = [name for name, feature in mx.runtime.Features().items() if feature.enabled and name in ("OPENMP", "MKLDNN", "BLAS_OPEN", "BLAS_MKL", "CUDA")]
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "machine": f"{_cpu_model()}, {platform.machine()}",
+        "os.cpu_count()": str(os.cpu_count()),
+        "CPUs this process may use": str(affinity),
+        "memory": f"{_memory_gib():.1f} GiB",
+        "OS": platform.platform(),
+        "Python": sys.version.split()[0],
+        "mxnet": f"{mx.__version__} ({', '.join(features)})",
+        "numpy": numpy.__version__,
+        "gluonnlp": gluonnlp_version,
+        "parallel_exec": f"{parallel_exec.__version__}, commit {_git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}",
+    }
+    for var in ENV_VARS:
+        info[var] = os.environ.get(var, "unset (MXNet default)")
+    info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return info

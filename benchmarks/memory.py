@@ -1,0 +1,132 @@
+"""Section 3: memory. Peak RSS per training variant, and RSS over many tasks.
+
+Peak RSS is a high-water mark of the whole process, so each variant runs in
+a fresh child process (``python benchmarks/memory.py VARIANT MODEL N STEPS``)
+that reports its own ``ru_maxrss``. Growth is measured in this process: RSS
+sampled while one ``ContextExecutor`` runs many trivial tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class PeakRss:
+    model: str
+    n: int
+    steps: int
+    mib: Dict[str, float]  # variant -> peak RSS of its child process
+
+
+@dataclass
+class Growth:
+    tasks: int
+    samples: List[tuple]  # (tasks done, RSS MiB)
+
+    @property
+    def growth_mib(self) -> float:
+        return self.samples[-1][1] - self.samples[0][1]
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss(model: str, n: int, steps: int, variants, progress: Callable[[], None]) -> PeakRss:
+    """Run each variant in its own child process; collect peak RSS."""
+    mib = {}
+    for variant in variants:
+        out = subprocess.run(
+            [sys.executable, os.path.join(HERE, "memory.py"), variant, model, str(n), str(steps)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"memory child for {variant} failed:\n{out.stderr[-2000:]}")
+        mib[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        progress()
+    return PeakRss(model, n, steps, mib)
+
+
+def growth(tasks: int, n: int, samples: int = 20) -> Growth:
+    """RSS while a ``ContextExecutor`` on ``n`` contexts runs ``tasks`` tasks.
+
+    Tasks go in as ``map`` over one NDArray shard per context (the shape of a
+    training step) and a warm-up of one sample's worth runs first.
+    """
+    import mxnet as mx
+
+    import parallel_exec as pe
+    from dispatch import noop
+
+    contexts = [mx.cpu(i) for i in range(n)]
+    shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
+    per_sample = max(n, tasks // samples) // n
+    points = []
+    with pe.ContextExecutor(contexts) as executor:
+        for _ in range(per_sample):
+            list(executor.map(noop, shards))
+        points.append((0, _rss_mib()))
+        for i in range(samples):
+            for _ in range(per_sample):
+                list(executor.map(noop, shards))
+            points.append(((i + 1) * per_sample * n, _rss_mib()))
+    return Growth(points[-1][0], points)
+
+
+def _child(variant: str, model: str, n: int, steps: int) -> None:
+    """Run ``steps`` training steps of one variant; print its peak RSS as JSON."""
+    import training
+
+    spec = training.MODELS[model]
+    import mxnet as mx
+    import tempfile
+
+    contexts = [mx.cpu(i) for i in range(n)]
+    with tempfile.TemporaryDirectory() as workdir:
+        param_file = os.path.join(workdir, "initial.params")
+        training._save_initial_parameters(spec, param_file, seed=42)
+        batches = training._make_batches(spec, contexts, count=4, seed=7)
+        runner = training.Variant(variant, training._Replica(spec, contexts, param_file))
+        try:
+            for i in range(steps):
+                runner.step(batches[i % len(batches)])
+        finally:
+            runner.close()
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def table(peaks: List[PeakRss], grown: Growth) -> str:
+    lines = []
+    for peak in peaks:
+        base = peak.mib.get("sequential loop")
+        lines += [
+            f"Peak RSS, {peak.model} model, N={peak.n}, {peak.steps} steps, each variant in a fresh process:",
+            "",
+            "| variant | peak RSS MiB | vs sequential loop |",
+            "|---|---:|---:|",
+        ]
+        for name, mib in peak.mib.items():
+            lines.append(f"| {name} | {mib:.0f} | {mib / base:.3f} |" if base else f"| {name} | {mib:.0f} | |")
+        lines.append("")
+    lines += [
+        f"RSS over {grown.tasks:,} trivial tasks (ContextExecutor.map, one shard per context): "
+        f"{grown.samples[0][1]:.1f} MiB after warm-up, {grown.samples[-1][1]:.1f} MiB at the end, "
+        f"growth {grown.growth_mib:+.2f} MiB (max {max(m for _, m in grown.samples):.1f} MiB).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,270 @@
+"""RESULTS.md and the plots, generated from one run's figures.
+
+The measured numbers fill the tables and the target checks; the text that
+explains them to a user is in ``INTERPRETATION`` below, kept apart from the
+code so it is easy to review against the figures.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import dispatch
+import memory
+import training
+
+TITLE = "# Benchmark results"
+
+INTERPRETATION = """\
+## What the numbers mean for you
+
+**Dispatch overhead** is what a thread pool charges per task, with a task that
+does nothing. It matters only when a task is short: at ~20-40 us per hand-off,
+a training step whose shards each take milliseconds loses well under 1%.
+`submit+result` is the worst case (one task at a time, so every hand-off wakes
+a sleeping thread and waits for the answer); `map` over one shard per context
+is what a data-parallel step does. Switching the timeline on adds a few
+microseconds per task for the extra timestamps and trace events; switch it on
+around the steps you want to look at, not for a whole run.
+
+**Threads help when the devices can run while Python does something else,
+and MXNet already gives you much of that for free.** MXNet's engine is
+asynchronous: a forward/backward call from Python returns after it has
+*queued* its operators, so even the plain sequential loop keeps several
+devices busy at once. What threads add is that the Python work of
+one shard (walking the layers, recording autograd, pushing every operator)
+can run while another shard's Python work waits, and that no shard's
+Python work has to wait for the previous shard's to finish.
+
+- **Compute-heavy, hybridized models** (a few large operators per step) spend
+  little time in Python. The sequential loop already overlaps the devices
+  through the engine; threads add a little on top by pushing the next shard
+  while the previous one's graph call blocks. On a 2-core machine, N contexts
+  cannot go faster than about 2x one context, whatever drives them: the
+  `vs 1-context sequential` column tops out near 2.
+- **Python-heavy, imperative models** (many small operators, not
+  hybridized) spend most of a step in Python, holding the GIL. Only one thread
+  runs Python at a time, so threads cannot make that part faster; worse,
+  every MXNet operator call releases the GIL (ctypes does that for every C
+  call) and must take it back, so two threads pushing small operators hand the
+  GIL back and forth hundreds of times per step, and each handoff costs. That
+  is where threads lose against the plain loop. If your model is like this,
+  **hybridize it** (then each shard is one graph call and threads help), or
+  keep the sequential loop.
+- **Where threads do not help at all:** one context (N=1: nothing to overlap;
+  the executor costs one hand-off per step), and whenever the devices are
+  already saturated by the sequential loop's asynchronous pushes (more
+  contexts than cores on CPU: N=4 on a 2-core machine gains nothing over N=2).
+
+**Memory.** Each executor worker is one thread with a small queue; peak RSS
+is that of the model and MXNet's memory pool, the same whichever way the
+shards are driven. RSS stays flat over hundreds of thousands of tasks: work
+items are dropped as soon as their future is done.
+
+**Parameters agree.** Every variant trains its own copy of the network from
+the same starting parameters on the same batches; the last column of the
+training table says whether each ended with the same parameters as the
+sequential loop (`allclose`, rtol 1e-5, atol 1e-6) and the largest difference.
+Threads change *when* operators are pushed, not what they compute.
+"""
+
+METHOD = """\
+## How it is measured
+
+One process; within each section the variants run interleaved in rounds
+(A B C D, A B C D, ...) so that a shared machine's drift hits them alike.
+Tables give the median over rounds and half the interquartile range
+(`median ± IQR/2`). Ratios are taken within each round, then their median
+reported. A training step ends when its results are computed:
+`trainer.step()` followed by `mx.nd.waitall()` in the calling thread. Each
+training variant has its own copy of the network and sees the same batches;
+the single-context baseline (`sequential, 1 context`) runs one shard of the
+same size in each round. Peak RSS is measured in a fresh process per variant
+(`ru_maxrss` is a high-water mark).
+"""
+
+
+def _flag(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
+    """(target, figure, met?) rows for issue #8's targets."""
+    rows = []
+    for r in dispatch_results:
+        for kind in ("submit+result", "map"):
+            ratio = r.ratio[f"ContextExecutor {kind} / ThreadPoolExecutor {kind}"].median
+            rows.append((f"dispatch {kind}, N={r.n}: <= 0.8x ThreadPoolExecutor", f"{ratio:.2f}x", ratio <= 0.8))
+        theirs = r.us_per_task.get("gluonnlp Parallel put/get")
+        if theirs is not None:
+            ours = r.us_per_task["ContextExecutor map"].median
+            rows.append((f"dispatch map, N={r.n}: below gluonnlp Parallel", f"{ours:.1f} vs {theirs.median:.1f} us", ours < theirs.median))
+            shim = r.us_per_task["pe.Parallel put/get"].median
+            rows.append((f"pe.Parallel put/get, N={r.n}: below gluonnlp Parallel", f"{shim:.1f} vs {theirs.median:.1f} us", shim < theirs.median))
+        for kind in ("submit+result", "map"):
+            ratio = r.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
+            rows.append((f"timeline recording on, {kind}, N={r.n} (report only)", f"{ratio:.2f}x the cost with it off", None))
+    for r in training_results:
+        best_peer = max(r.throughput[training.SEQUENTIAL].median, r.throughput.get(training.GLUONNLP, r.throughput[training.SEQUENTIAL]).median)
+        for name in (training.MAP, training.FUTURES):
+            ours = r.throughput[name].median
+            rows.append((f"{r.model} N={r.n}, {name}: >= best of sequential and gluonnlp", f"{ours / best_peer:.3f}x the best", ours >= best_peer))
+        if r.model == "python-heavy":
+            ratio = r.vs_sequential[training.MAP].median
+            rows.append((f"python-heavy N={r.n}, map: within 3% of sequential", f"{ratio:.3f}x", ratio >= 0.97))
+        if r.model == "compute-heavy" and r.n == 4:
+            ratio = r.vs_one_context[training.MAP].median
+            rows.append(("compute-heavy N=4, map: >= 1.9x single-context sequential", f"{ratio:.2f}x", ratio >= 1.9))
+        agree = all(ok for ok, _ in r.agreement.values())
+        rows.append((f"{r.model} N={r.n}: all variants end with the same parameters", "yes" if agree else "NO", agree))
+    rows.append((f"RSS growth over {grown.tasks:,} tasks < 10 MiB", f"{grown.growth_mib:+.2f} MiB", grown.growth_mib < 10))
+    for peak in peaks:
+        base = peak.mib[training.SEQUENTIAL]
+        for name in (training.MAP, training.FUTURES):
+            ratio = peak.mib[name] / base
+            rows.append((f"peak RSS {peak.model} N={peak.n}, {name}: <= sequential + 5%", f"{ratio:.3f}x", ratio <= 1.05))
+    return rows
+
+
+def targets_table(dispatch_results, training_results, peaks, grown) -> str:
+    lines = ["| target | this run | verdict |", "|---|---:|---|"]
+    for target, figure, ok in targets(dispatch_results, training_results, peaks, grown):
+        lines.append(f"| {target} | {figure} | {'-' if ok is None else _flag(ok)} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(training_results, out: str) -> List[str]:
+    """One PNG per model: throughput relative to 1-context sequential, against N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for model in dict.fromkeys(r.model for r in training_results):
+        rows = sorted((r for r in training_results if r.model == model), key=lambda r: r.n)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = [r.n for r in rows]
+        for name in rows[0].vs_one_context:
+            medians = [r.vs_one_context[name].median for r in rows]
+            errors = [[r.vs_one_context[name].median - r.vs_one_context[name].q1 for r in rows], [r.vs_one_context[name].q3 - r.vs_one_context[name].median for r in rows]]
+            ax.errorbar(ns, medians, yerr=errors, marker="o", capsize=3, label=name)
+        ax.plot(ns, [min(n, os.cpu_count() or n) for n in ns], linestyle=":", color="grey", label=f"ideal on {os.cpu_count()} cores")
+        ax.set_xticks(ns)
+        ax.set_xlabel("N contexts (mx.cpu(0) .. mx.cpu(N-1))")
+        ax.set_ylabel("throughput / 1-context sequential")
+        ax.set_title(f"{model} model: throughput against N")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"scaling_{model.replace('-', '_')}.png"
+        fig.savefig(os.path.join(out, name), dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+COLORS = {"forward_backward": "tab:blue", "trainer.step": "tab:orange", "wait for results": "tab:grey", "wait in map": "lightgrey", "serial-init gate": "tab:red"}
+
+
+def plot_overlap(training_results, out: str) -> List[str]:
+    """One PNG per model: the sequential loop's spans above ContextExecutor.map's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    files = []
+    for r in training_results:
+        if not r.overlap:
+            continue
+        fig, axes = plt.subplots(2, 1, figsize=(10, 4.8), sharex=True)
+        for ax, (variant, recording) in zip(axes, r.overlap.items()):
+            tracks = recording["tracks"]
+            for event in recording["events"]:
+                row = tracks.index(event["tid"])
+                ax.broken_barh([(event["ts"] / 1e3, event["dur"] / 1e3)], (row - 0.4, 0.8), color=COLORS.get(event["name"], "tab:purple"))
+            ax.set_yticks(range(len(tracks)))
+            ax.set_yticklabels(tracks, fontsize=8)
+            ax.invert_yaxis()
+            events = recording["events"]
+            steps_ms = max(e["ts"] + e["dur"] for e in events) / 1e3
+            ax.set_title(f"{variant}: {steps_ms:.1f} ms for the steps shown, forward_backward spans overlap "
+                         f"{training.mean_concurrency(events):.2f}x on average", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+        axes[-1].set_xlabel("ms since the first step began")
+        fig.legend(handles=[Patch(color=c, label=n) for n, c in COLORS.items()], loc="lower center", ncol=5, fontsize=8)
+        fig.suptitle(f"{r.model} model, N={r.n}: Python-side spans of each step (the engine computes asynchronously)", fontsize=10)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        name = f"overlap_{r.model.replace('-', '_')}.png"
+        fig.savefig(os.path.join(out, name), dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], timings: Dict[str, float],
+          dispatch_results, training_results, peaks, grown) -> List[str]:
+    """Write RESULTS.md and the PNGs into ``out``; return the file names."""
+    pngs = plot_scaling(training_results, out) + plot_overlap(training_results, out)
+    overlap_pngs = [p for p in pngs if p.startswith("overlap_")]
+    scaling_pngs = [p for p in pngs if p.startswith("scaling_")]
+    parts = [
+        TITLE,
+        "",
+        f"Generated by `{command}` ({size} size) in {timings['total']:.0f} s "
+        f"(dispatch {timings['dispatch']:.0f} s, training {timings['training']:.0f} s, memory {timings['memory']:.0f} s). "
+        "Run the same command to regenerate this file and the plots.",
+    ]
+    if note:
+        parts += ["", f"> **Note on this run:** {note}"]
+    parts += [
+        "",
+        "## Environment",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in env.items()],
+        "",
+        "## Targets (issue #8)",
+        "",
+        targets_table(dispatch_results, training_results, peaks, grown),
+        "",
+        "## 1. Dispatch overhead (microseconds per trivial task)",
+        "",
+        f"{dispatch_results[0].tasks_per_measurement} tasks per measurement, {next(iter(dispatch_results[0].us_per_task.values())).n} rounds. "
+        "`map` and put/get hand out one NDArray shard per context, N at a time.",
+        "",
+        dispatch.table(dispatch_results),
+        "",
+        "## 2. Training-step throughput",
+        "",
+        f"{training_results[0].steps_per_measurement} steps per measurement, "
+        f"{next(iter(training_results[0].throughput.values())).n} rounds; the batch is "
+        f"{', '.join(f'{s.batch_per_context} ({s.name})' for s in training.MODELS.values())} samples per context.",
+        "",
+        training.table(training_results),
+        "",
+        *[f"![{p}]({p})" for p in scaling_pngs],
+        "",
+        "### Did the shards overlap?",
+        "",
+        "Each picture shows a few steps: the sequential loop on top (spans timed by the benchmark, one row per "
+        "shard, all run by the main thread), `ContextExecutor.map` below (spans from `record_timeline`, one row "
+        "per worker). A span is the Python side of a call; MXNet computes asynchronously, so the device work of a "
+        "span finishes during a later span or during `wait for results`.",
+        "",
+        *[f"![{p}]({p})" for p in overlap_pngs],
+        "",
+        "## 3. Memory",
+        "",
+        memory.table(peaks, grown),
+        "",
+        INTERPRETATION,
+        METHOD,
+    ]
+    with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as file:
+        file.write("\n".join(parts))
+    return ["RESULTS.md"] + pngs

@@ -1,0 +1,160 @@
+"""Benchmarks: parallel_exec against the sequential loop, gluonnlp's Parallel and ThreadPoolExecutor.
+
+    python benchmarks/run.py            # full run, < 15 minutes on 2 cores
+    python benchmarks/run.py --quick    # < 3 minutes on 2 cores
+
+Prints the tables, and writes RESULTS.md and the PNG plots next to this file
+(or to ``--out``). Everything runs in this process, variants interleaved in
+rounds, except the peak-RSS measurement, which needs a fresh process per
+variant. Needs the ``bench`` extra: ``pip install -e ".[bench]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import dispatch  # noqa: E402
+import harness  # noqa: E402
+import memory  # noqa: E402
+import report  # noqa: E402
+import training  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much of everything one run measures."""
+
+    dispatch_ns: Tuple[int, ...]
+    dispatch_tasks: int  # tasks per measurement
+    dispatch_rounds: int
+    training_ns: Tuple[int, ...]
+    training_rounds: int
+    training_steps: int  # steps per measurement
+    training_warmup: int
+    overlap_steps: int
+    growth_tasks: int
+    rss_n: int
+    rss_steps: int  # 0: skip the peak-RSS children
+
+
+SIZES = {
+    "full": Size((2, 4), 3000, 15, (1, 2, 4), 9, 8, 3, 4, 200_000, 4, 30),
+    "quick": Size((2, 4), 1000, 7, (1, 2, 4), 5, 3, 2, 4, 200_000, 2, 10),
+    # For the test suite only: every code path once, no figure worth reading.
+    "smoke": Size((2,), 100, 2, (1, 2), 2, 1, 2, 2, 2_000, 2, 0),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a run under 3 minutes on 2 cores")
+    size.add_argument("--smoke", action="store_const", dest="size", const="smoke", help="smallest size, for the test suite")
+    parser.add_argument("--out", default=HERE, help="where RESULTS.md and the PNGs go (default: %(default)s)")
+    parser.add_argument("--note", default="", help="a remark printed at the top of RESULTS.md, e.g. about machine load")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    name = args.size or "full"
+    size = SIZES[name]
+    command = "python benchmarks/run.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    os.makedirs(args.out, exist_ok=True)
+
+    env = harness.environment()
+    print(f"# parallel_exec benchmarks ({name})\n")
+    print("\n".join(f"{k}: {v}" for k, v in env.items()), "\n", flush=True)
+
+    total = (
+        len(size.dispatch_ns) * size.dispatch_rounds * 9
+        + len(training.MODELS) * sum(size.training_rounds * (4 if n == 1 else 5) for n in size.training_ns)
+        + (len(training.MODELS) * len(training.VARIANTS) if size.rss_steps else 0)
+    )
+    progress = _progress_bar(total, disabled=args.no_progress)
+    started = time.perf_counter()
+    timings = {}
+
+    t0 = time.perf_counter()
+    dispatch_results = [dispatch.measure(n, size.dispatch_tasks, size.dispatch_rounds, progress) for n in size.dispatch_ns]
+    timings["dispatch"] = time.perf_counter() - t0
+    _emit(progress, "## 1. Dispatch overhead\n\n" + dispatch.table(dispatch_results))
+
+    t0 = time.perf_counter()
+    overlap_n = 2 if 2 in size.training_ns else max(size.training_ns)
+    training_results = [
+        training.measure(
+            spec, n, size.training_rounds, size.training_steps, size.training_warmup, progress,
+            overlap_steps=size.overlap_steps if n == overlap_n else 0,
+        )
+        for spec in training.MODELS.values()
+        for n in size.training_ns
+    ]
+    timings["training"] = time.perf_counter() - t0
+    _emit(progress, "## 2. Training-step throughput\n\n" + training.table(training_results))
+
+    t0 = time.perf_counter()
+    peaks = []
+    if size.rss_steps:
+        peaks = [memory.peak_rss(model, size.rss_n, size.rss_steps, training.VARIANTS, progress) for model in training.MODELS]
+    grown = memory.growth(size.growth_tasks, 2)
+    timings["memory"] = time.perf_counter() - t0
+    _emit(progress, "## 3. Memory\n\n" + memory.table(peaks, grown))
+    progress.close()
+
+    env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    timings["total"] = time.perf_counter() - started
+    files = report.write(
+        args.out, command=command, size=name, note=args.note, env=env, timings=timings,
+        dispatch_results=dispatch_results, training_results=training_results, peaks=peaks, grown=grown,
+    )
+    print("\n" + report.targets_table(dispatch_results, training_results, peaks, grown))
+    print(f"\nwrote {', '.join(files)} in {timings['total']:.0f} s")
+    return 0
+
+
+def _emit(progress, text: str) -> None:
+    progress.write("\n" + text + "\n")
+
+
+class _NoBar:
+    def __call__(self) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, disabled: bool):
+    """A callable that advances a tqdm bar by one measurement (if tqdm is there)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    if disabled:
+        return _NoBar()
+    bar = tqdm(total=total, unit="measurement", file=sys.stderr, leave=False)
+
+    class _Bar:
+        def __call__(self) -> None:
+            bar.update()
+
+        def write(self, text: str) -> None:
+            bar.write(text, file=sys.stdout)
+
+        def close(self) -> None:
+            bar.close()
+
+    return _Bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
