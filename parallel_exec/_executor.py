@@ -273,6 +273,11 @@ class ContextExecutor(Executor):
                 slot.queue.put(None)
         for slot, item in drained:  # outside the lock: cancel() runs done-callbacks
             if item.future.cancel():
+                # cancel() alone leaves the future CANCELLED, which wait() and
+                # as_completed() do not count as done until it is notified; a
+                # worker notifies when it reaches an item, but drained items
+                # never reach one (CPython's ThreadPoolExecutor has this gap).
+                item.future.set_running_or_notify_cancel()
                 slot.counters.dropped_cancelled += 1
         if wait:
             current = threading.current_thread()
