@@ -111,7 +111,17 @@ class Parallel:
                 self._num_serial -= 1
                 _call_and_report(self._done, forward_backward, x)
                 return
-        self._executor.submit(_call_and_report, self._done, forward_backward, x)
+        try:
+            self._executor.submit(_call_and_report, self._done, forward_backward, x)
+        except BaseException:
+            # close() can run between the check above and this submit. Undo
+            # the count, or a later get() would wait forever for this call.
+            with self._lock:
+                self._pending -= 1
+                closed = self._closed
+            if closed:
+                raise RuntimeError("cannot put() on a Parallel after close()") from None
+            raise
 
     def get(self) -> Any:
         """Return the result of a ``forward_backward`` call, in completion order.
