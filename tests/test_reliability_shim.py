@@ -1,0 +1,176 @@
+"""The ``Parallel`` shim under stress: every put gets exactly one outcome.
+
+test_compat.py has one round of two workers raising at once and a put after
+close. Here: many rounds of every worker raising at once (``Exception`` and
+``BaseException`` kinds), puts and gets from several threads, and a put
+that races ``close()``.
+"""
+
+import threading
+
+import pytest
+
+import parallel_exec as pe
+from conftest import TIMEOUT
+
+NUM_WORKERS = 4
+
+
+class RaiseTogether(pe.Parallelizable):
+    """``x = (value, exc)``: raise ``exc`` (if any) once every worker is in a call."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(NUM_WORKERS, timeout=TIMEOUT)
+
+    def forward_backward(self, x):
+        value, exc = x
+        if exc is not None:
+            self.barrier.wait()  # every worker is in a raising call now
+            raise exc
+        return value
+
+
+def test_every_worker_raising_at_once_round_after_round_never_hangs():
+    kinds = [ValueError, KeyboardInterrupt, SystemExit, RuntimeError]
+    with pe.Parallel(NUM_WORKERS, RaiseTogether(), serial_init=False) as parallel:
+        for round_ in range(25):
+            raised = {kinds[(round_ + k) % len(kinds)](round_, k) for k in range(NUM_WORKERS)}
+            for exc in raised:
+                parallel.put((None, exc))
+            parallel.put((round_, None))
+            outcomes = []
+            for _ in range(NUM_WORKERS + 1):
+                try:
+                    outcomes.append(parallel.get())
+                except BaseException as exc:  # noqa: B036 - the calls raise these on purpose
+                    outcomes.append(exc)
+            assert round_ in outcomes
+            assert {o for o in outcomes if isinstance(o, BaseException)} == raised  # the objects themselves
+
+
+def test_puts_and_gets_from_several_threads_each_get_one_outcome():
+    # Four threads put 50 calls each (every 5th raises) and get 50 outcomes.
+    class Checked(pe.Parallelizable):
+        def forward_backward(self, x):
+            if x % 5 == 0:
+                raise ValueError(x)
+            return x
+
+    outcomes = [[] for _ in range(4)]
+
+    def put_and_get(k, parallel):
+        for x in range(k * 1000, k * 1000 + 50):
+            parallel.put(x)
+        for _ in range(50):
+            try:
+                outcomes[k].append(parallel.get())
+            except ValueError as exc:
+                outcomes[k].append(("raised", exc.args[0]))
+
+    with pe.Parallel(NUM_WORKERS, Checked()) as parallel:
+        threads = [threading.Thread(target=put_and_get, args=(k, parallel)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert not any(t.is_alive() for t in threads)
+        with pytest.raises(RuntimeError, match="no pending put"):
+            parallel.get()
+    # Results come in completion order, to any getter: all of them, once each.
+    got = sorted((o if isinstance(o, tuple) else ("returned", o)) for per in outcomes for o in per)
+    expected = sorted(
+        ("raised", x) if x % 5 == 0 else ("returned", x) for k in range(4) for x in range(k * 1000, k * 1000 + 50)
+    )
+    assert got == expected
+
+
+class PauseOnLookup(pe.Parallelizable):
+    """Pauses the first put between its closed-check and its submit.
+
+    ``put`` looks ``forward_backward`` up after checking ``close()``; the
+    lookup signals ``in_put`` and waits for ``closed``.
+    """
+
+    def __init__(self):
+        self.in_put, self.closed = threading.Event(), threading.Event()
+        self._armed = False
+
+    def arm(self):
+        self._armed = True
+
+    @property
+    def forward_backward(self):
+        if self._armed:
+            self._armed = False
+            self.in_put.set()
+            assert self.closed.wait(TIMEOUT)
+        return lambda x: x
+
+
+def test_put_racing_close_raises_a_clear_error_and_get_does_not_hang():
+    parallizable = PauseOnLookup()
+    parallel = pe.Parallel(2, parallizable, serial_init=False)
+    parallel.put("before")
+    assert parallel.get() == "before"
+    parallizable.arm()
+    outcome = []
+
+    def late_put():
+        try:
+            parallel.put("late")
+            outcome.append("accepted")
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    putter = threading.Thread(target=late_put)
+    putter.start()
+    try:
+        assert parallizable.in_put.wait(TIMEOUT)
+        parallel.close()  # the put passed its check before this
+    finally:
+        parallizable.closed.set()
+        putter.join(TIMEOUT)
+    if outcome == ["accepted"]:
+        assert parallel.get() == "late"  # accepted: its result is there
+    else:
+        assert "close()" in str(outcome[0])
+    # Either way nothing is pending now: get() says so instead of blocking.
+    getter_outcome = []
+
+    def get():
+        try:
+            getter_outcome.append(parallel.get())
+        except RuntimeError as exc:
+            getter_outcome.append(exc)
+
+    getter = threading.Thread(target=get, daemon=True)  # daemon: the bug blocks it forever
+    getter.start()
+    getter.join(TIMEOUT)
+    alive = getter.is_alive()
+    if alive:  # unblock it, so the thread does not leak past the test
+        parallel._done.put(None)
+        getter.join(TIMEOUT)
+    assert not alive, "get() blocked forever after a put() that raised"
+    assert "no pending put" in str(getter_outcome[0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_put_after_close_from_another_thread_raises(num_workers):
+    parallel = pe.Parallel(num_workers, RaiseTogether())
+    parallel.put((1, None))
+    parallel.close()
+    errors = []
+
+    def put():
+        try:
+            parallel.put((2, None))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert len(errors) == 1 and "close()" in str(errors[0])
+    assert parallel.get() == 1
+    with pytest.raises(RuntimeError, match="no pending put"):
+        parallel.get()
