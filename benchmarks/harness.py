@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence
 
 # The settings that change how MXNet schedules work on CPUs.
-ENV_VARS = ("MXNET_ENGINE_TYPE", "OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_CPU_PRIORITY_NTHREADS", "MKL_NUM_THREADS")
+ENV_VARS = (
+    "MXNET_ENGINE_TYPE", "OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_CPU_PRIORITY_NTHREADS",
+    "OMP_WAIT_POLICY",  # spinning OpenMP threads compete with Python for the cores
+    "MKL_NUM_THREADS",
+)
 
 
 @dataclass(frozen=True)

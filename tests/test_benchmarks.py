@@ -1,0 +1,41 @@
+"""Smoke test of benchmarks/run.py at its smallest size. No timing is asserted."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("gluonnlp")
+pytest.importorskip("matplotlib")
+pytest.importorskip("psutil")
+
+RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "run.py")
+
+
+def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
+    out = subprocess.run(
+        [sys.executable, RUN, "--smoke", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = out.stdout
+    for heading in ("## 1. Dispatch overhead", "## 2. Training-step throughput", "## 3. Memory"):
+        assert heading in stdout
+    assert "| ContextExecutor map |" in stdout
+    assert "| gluonnlp Parallel put/get |" in stdout
+    assert "OMP_NUM_THREADS" in stdout and "os.cpu_count()" in stdout
+
+    # Every training variant of every model and N ended with the sequential loop's parameters.
+    rows = [line for line in stdout.splitlines() if line.startswith(("| python-heavy |", "| compute-heavy |"))]
+    assert len(rows) == 2 * (4 + 4), rows  # 2 models x (N=1: 4 variants, N=2: 4 variants)
+    assert all("| yes (" in row for row in rows), "\n".join(rows)
+    assert "all variants end with the same parameters | yes | met |" in stdout
+    assert "| NO |" not in stdout
+
+    results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    assert "python benchmarks/run.py --smoke" in results
+    assert "## Targets" in results and "## What the numbers mean for you" in results
+    for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png", "overlap_python_heavy.png", "overlap_compute_heavy.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
+        assert f"]({png})" in results
