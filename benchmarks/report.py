@@ -19,55 +19,100 @@ TITLE = "# Benchmark results"
 INTERPRETATION = """\
 ## What the numbers mean for you
 
-**Dispatch overhead** is what a thread pool charges per task, with a task that
-does nothing. It matters only when a task is short: at ~20-40 us per hand-off,
-a training step whose shards each take milliseconds loses well under 1%.
-`submit+result` is the worst case (one task at a time, so every hand-off wakes
-a sleeping thread and waits for the answer); `map` over one shard per context
-is what a data-parallel step does. Switching the timeline on adds a few
-microseconds per task for the extra timestamps and trace events; switch it on
-around the steps you want to look at, not for a whole run.
+(This text is fixed; the figures it refers to are in the tables above and in
+"This run in brief".)
 
-**Threads help when the devices can run while Python does something else,
-and MXNet already gives you much of that for free.** MXNet's engine is
-asynchronous: a forward/backward call from Python returns after it has
-*queued* its operators, so even the plain sequential loop keeps several
-devices busy at once. What threads add is that the Python work of
-one shard (walking the layers, recording autograd, pushing every operator)
-can run while another shard's Python work waits, and that no shard's
-Python work has to wait for the previous shard's to finish.
+**Dispatch overhead** is what handing a task to a thread costs, measured
+with a task that does nothing. It matters only when tasks are short: at tens
+of microseconds per hand-off, a training step whose shards each take
+milliseconds loses well under 1%. `submit+result` is the worst case (one task
+at a time, so every hand-off wakes a sleeping thread and waits for the
+answer); `map` over one shard per context is what a data-parallel step does.
+A `ThreadPoolExecutor` or gluonnlp's `Parallel` share one queue among their
+threads, so one woken thread may run several trivial tasks in a row;
+`ContextExecutor` pins each shard to its device's thread, so every shard wakes
+its own thread. Switching the timeline on adds a few microseconds per task
+(timestamps and trace events): switch it on around the steps you want to look
+at, not for a whole run.
+
+**MXNet already overlaps devices without threads.** Its engine is
+asynchronous: a forward/backward call returns once it has *queued* its
+operators, so even the plain sequential loop keeps several devices busy. What
+threads add is that one shard's Python work (walking the layers, recording
+autograd, pushing each operator) can proceed while another shard's thread is
+blocked in a C call, and that no shard waits for the previous shard's Python
+work to finish.
 
 - **Compute-heavy, hybridized models** (a few large operators per step) spend
-  little time in Python. The sequential loop already overlaps the devices
-  through the engine; threads add a little on top by pushing the next shard
-  while the previous one's graph call blocks. On a 2-core machine, N contexts
-  cannot go faster than about 2x one context, whatever drives them: the
-  `vs 1-context sequential` column tops out near 2.
-- **Python-heavy, imperative models** (many small operators, not
-  hybridized) spend most of a step in Python, holding the GIL. Only one thread
-  runs Python at a time, so threads cannot make that part faster; worse,
-  every MXNet operator call releases the GIL (ctypes does that for every C
-  call) and must take it back, so two threads pushing small operators hand the
-  GIL back and forth hundreds of times per step, and each handoff costs. That
-  is where threads lose against the plain loop. If your model is like this,
-  **hybridize it** (then each shard is one graph call and threads help), or
-  keep the sequential loop.
-- **Where threads do not help at all:** one context (N=1: nothing to overlap;
-  the executor costs one hand-off per step), and whenever the devices are
-  already saturated by the sequential loop's asynchronous pushes (more
-  contexts than cores on CPU: N=4 on a 2-core machine gains nothing over N=2).
+  little time in Python, and there threads pay off: each shard's graph call
+  is pushed without waiting for the others. On a 2-core machine N contexts
+  cannot go faster than about 2x one context, whatever drives them; the
+  `vs 1-context sequential` column and the scaling plots show how close each
+  variant gets.
+- **Python-heavy, imperative models** (many small operators, not hybridized)
+  spend most of a step in Python, holding the GIL. Only one thread runs Python
+  at a time, so threads cannot make that part faster. Worse, every MXNet C
+  call (over a thousand per step here) releases the GIL and takes it back, so
+  several threads pushing small operators hand the GIL back and forth, and
+  each handoff costs a thread switch. That is where threads do not help and
+  can lose against the plain loop. If your model is like this, **hybridize
+  it** (then a shard is one graph call and threads help), or keep the
+  sequential loop.
+- **On CPU contexts, MXNet's own threads compete for the cores.** Every
+  `mx.cpu(i)` has its own engine worker, and operators run on OpenMP threads
+  that spin while they wait for more work (`OMP_WAIT_POLICY`, recorded in the
+  environment above). With many tiny operators, those spinning threads take
+  cores away from the Python thread(s) driving the step; the Python-heavy
+  figures on a 2-core machine depend on this as much as on the GIL.
+- **Where threads do not help at all:** one context (N=1 has nothing to
+  overlap; the executor costs one hand-off per step), and more busy contexts
+  than cores (N=4 on a 2-core machine can only share the same 2 cores).
 
 **Memory.** Each executor worker is one thread with a small queue; peak RSS
-is that of the model and MXNet's memory pool, the same whichever way the
-shards are driven. RSS stays flat over hundreds of thousands of tasks: work
-items are dropped as soon as their future is done.
+is that of the model, its gradients and MXNet's memory pool, whichever way
+the shards are driven. RSS stays flat over hundreds of thousands of tasks:
+work items are dropped as soon as their future is done.
 
 **Parameters agree.** Every variant trains its own copy of the network from
 the same starting parameters on the same batches; the last column of the
 training table says whether each ended with the same parameters as the
-sequential loop (`allclose`, rtol 1e-5, atol 1e-6) and the largest difference.
-Threads change *when* operators are pushed, not what they compute.
+sequential loop (`allclose`, rtol 1e-5, atol 1e-6) and the largest
+difference. Threads change *when* operators are pushed, not what they
+compute.
 """
+
+
+def in_brief(dispatch_results, training_results, peaks, grown) -> str:
+    """A few sentences with this run's own figures (generated, not fixed text)."""
+    lines = ["## This run in brief", ""]
+    for r in dispatch_results:
+        us = {k: v.median for k, v in r.us_per_task.items()}
+        theirs = us.get("gluonnlp Parallel put/get")
+        lines.append(
+            f"- N={r.n}: a trivial task cost {us['ContextExecutor submit+result']:.0f} us with `submit`+`result` "
+            f"(ThreadPoolExecutor {us['ThreadPoolExecutor submit+result']:.0f} us) and {us['ContextExecutor map']:.0f} us per shard "
+            f"with `map` (ThreadPoolExecutor {us['ThreadPoolExecutor map']:.0f} us"
+            + (f", gluonnlp `Parallel` {theirs:.0f} us" if theirs is not None else "")
+            + f"); recording a timeline added {us['ContextExecutor map, timeline on'] - us['ContextExecutor map']:.0f} us per shard."
+        )
+    for model in dict.fromkeys(r.model for r in training_results):
+        rows = [r for r in training_results if r.model == model and r.n > 1]
+        if not rows:
+            continue
+        parts = []
+        for r in rows:
+            gluonnlp = r.vs_sequential.get(training.GLUONNLP)
+            parts.append(
+                f"N={r.n}: `map` {r.vs_sequential[training.MAP].median:.2f}x, futures {r.vs_sequential[training.FUTURES].median:.2f}x"
+                + (f", gluonnlp {gluonnlp.median:.2f}x" if gluonnlp is not None else "")
+                + f" the sequential loop; best variant {max(v.median for v in r.vs_one_context.values()):.2f}x one context"
+            )
+        lines.append(f"- {model} model: " + "; ".join(parts) + ".")
+    agree = all(ok for r in training_results for ok, _ in r.agreement.values())
+    lines.append(f"- All training variants ended with the sequential loop's parameters: {'yes' if agree else 'NO'}.")
+    lines.append(f"- RSS changed by {grown.growth_mib:+.1f} MiB over {grown.tasks:,} tasks.")
+    return "\n".join(lines)
+
 
 METHOD = """\
 ## How it is measured
@@ -80,8 +125,9 @@ reported. A training step ends when its results are computed:
 `trainer.step()` followed by `mx.nd.waitall()` in the calling thread. Each
 training variant has its own copy of the network and sees the same batches;
 the single-context baseline (`sequential, 1 context`) runs one shard of the
-same size in each round. Peak RSS is measured in a fresh process per variant
-(`ru_maxrss` is a high-water mark).
+same size in each round. Peak RSS is measured in a fresh process per variant,
+from the kernel's RSS high-water mark, reset (`/proc/self/clear_refs`) once
+the imports and the data are in place.
 """
 
 
@@ -261,6 +307,8 @@ def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], 
         "## 3. Memory",
         "",
         memory.table(peaks, grown),
+        "",
+        in_brief(dispatch_results, training_results, peaks, grown),
         "",
         INTERPRETATION,
         METHOD,
