@@ -21,6 +21,7 @@ them):
 import collections
 import concurrent.futures
 import functools
+import itertools
 import gc
 import os
 import random
@@ -87,11 +88,36 @@ class LoadRun:
         self.cancel_won = [False] * n  # our cancel() returned True
         self.submitted = 0  # guarded by submitted_lock
         self.submitted_lock = threading.Lock()
+        # The shutdown, whatever the machine's speed: once ``park_after``
+        # futures are done, the shutter thread gives every worker a task that
+        # parks it until ``resume``; once ``fire_at`` tasks are submitted (or
+        # the submitters are done) it shuts down, then resumes. So it finds
+        # tasks done, running and queued, and submitters still racing it.
+        self.park_after = n  # set by the test
+        self.start_parking = threading.Event()
+        self.fire_at = None  # set by the shutter once it has parked the workers
         self.fire_shutdown = threading.Event()
-        self.fire_at = n  # set by the test: the submission count that fires shutdown
+        self.resume = threading.Event()
+        self.park_futures = []
+        self.active_submitters = 0  # guarded by submitted_lock
+        self._done_count = itertools.count(1)  # next() is atomic in CPython
 
     def on_done(self, i: int, _future: concurrent.futures.Future) -> None:
         self.completions[i] += 1
+        if next(self._done_count) == self.park_after:
+            self.start_parking.set()
+
+    def count_submission(self) -> None:
+        with self.submitted_lock:
+            self.submitted += 1
+            if self.fire_at is not None and self.submitted >= self.fire_at:
+                self.fire_shutdown.set()
+
+    def submitter_done(self) -> None:
+        with self.submitted_lock:
+            self.active_submitters -= 1
+            if self.active_submitters == 0:
+                self.fire_shutdown.set()  # nothing more will be submitted
 
 
 def load_task(run: LoadRun, i: int, kind: str, payload):
@@ -111,6 +137,13 @@ def load_task(run: LoadRun, i: int, kind: str, payload):
 
 def submitter(ex, run: LoadRun, indices, rng: random.Random, arrays, refused) -> None:
     """Submit tasks ``indices``; cancel random recent ones; stop once refused."""
+    try:
+        submit_all(ex, run, indices, rng, arrays, refused)
+    finally:
+        run.submitter_done()
+
+
+def submit_all(ex, run: LoadRun, indices, rng: random.Random, arrays, refused) -> None:
     kinds, weights = list(KINDS), list(KINDS.values())
     recent = collections.deque(maxlen=64)
     for i in indices:
@@ -146,10 +179,7 @@ def submitter(ex, run: LoadRun, indices, rng: random.Random, arrays, refused) ->
         future.add_done_callback(functools.partial(run.on_done, i))
         run.futures[i] = future
         recent.append(i)
-        with run.submitted_lock:
-            run.submitted += 1
-            if run.submitted == run.fire_at:
-                run.fire_shutdown.set()
+        run.count_submission()
         if rng.random() < 0.03:
             victim = rng.choice(recent)
             if run.futures[victim].cancel():
@@ -194,9 +224,8 @@ def test_load_with_faults_loses_nothing():
     print(f"load test: PE_STRESS_TASKS={STRESS_TASKS} PE_STRESS_SEED={seed}")  # shown on failure
     rng = random.Random(seed)
     run = LoadRun(STRESS_TASKS, seed)
-    # Shut down late enough that many tasks are queued, early enough that
-    # submitters are still racing it.
-    run.fire_at = rng.randint(STRESS_TASKS * 6 // 10, STRESS_TASKS * 9 // 10)
+    run.park_after = rng.randint(STRESS_TASKS * 7 // 10, STRESS_TASKS * 9 // 10)
+    run.active_submitters = 2
     arrays = {c: mx.nd.ones((4,), ctx=c) for c in CONTEXTS + [UNKNOWN]}
     before = set(threading.enumerate())
     start = time.monotonic()
@@ -211,15 +240,23 @@ def test_load_with_faults_loses_nothing():
     ]
 
     def shut_down_mid_flight():
-        if run.fire_shutdown.wait(TIMEOUT + STRESS_TASKS / 500):
-            ex.shutdown(wait=False, cancel_futures=True)
+        try:
+            if not run.start_parking.wait(budget):
+                return
+            run.park_futures = [ex.submit_to(c, run.resume.wait, TIMEOUT) for c in CONTEXTS]
+            with run.submitted_lock:
+                run.fire_at = run.submitted + 50  # queued behind the parked workers
+            if run.fire_shutdown.wait(budget):
+                ex.shutdown(wait=False, cancel_futures=True)
+        finally:
+            run.resume.set()
 
+    # Deadlock guard: generous, the run takes a fraction of it.
+    budget = TIMEOUT + STRESS_TASKS / 500
     shutter = threading.Thread(target=shut_down_mid_flight)
     try:
         for thread in threads + [shutter]:
             thread.start()
-        # Deadlock guard: generous, the run takes a fraction of it.
-        budget = TIMEOUT + STRESS_TASKS / 500
         for thread in threads + [shutter]:
             thread.join(budget)
             assert not thread.is_alive(), f"{thread.name} hung (seed {seed})"
@@ -228,12 +265,16 @@ def test_load_with_faults_loses_nothing():
         assert not not_done, f"{len(not_done)} futures never completed (seed {seed})"
     finally:
         run.fire_shutdown.set()
+        run.resume.set()
         ex.shutdown(wait=True)
     for worker in workers:
         worker.join(TIMEOUT)
     assert not any(w.is_alive() for w in workers), f"worker left running (seed {seed})"
     try:
         figures = check_load_run(run, refused[0] + refused[1])
+        # A parking task ran (and was released) or, queued behind a backlog, was cancelled.
+        assert len(run.park_futures) == len(CONTEXTS)
+        assert all(f.cancelled() or f.result(0) is True for f in run.park_futures)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nreplay with PE_STRESS_SEED={seed} PE_STRESS_TASKS={STRESS_TASKS}") from None
     # The run exercised what it claims to: faults of every kind, cancellation
