@@ -1,0 +1,291 @@
+"""Multi-process jobs on MXNet's distributed kvstore, under parallel_exec.launch.
+
+Real ps-lite jobs on this machine (Unix sockets, ``--ipc``), one at a time:
+pytest runs them in order. Every job runs under ``subprocess`` with a
+timeout; a launcher that overran it is killed with every child it
+reported, so a hang fails the test instead of leaving processes behind.
+The children's PIDs come from the launcher's ``started ... (pid N)`` lines.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import dist_train_script
+from parallel_exec import dist, launch
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = TESTS / "dist_train_script.py"
+JOB_TIMEOUT = 120  # a deadlock guard: a job takes 5-20 s on a loaded 2-core machine
+STEPS = 10
+
+
+def _started_pids(launcher_stderr):
+    return [int(pid) for pid in re.findall(r"started [a-z]+(?: \d+)? \(pid (\d+)\)", launcher_stderr or "")]
+
+
+def _alive(pids):
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.append(pid)
+    return alive
+
+
+def _kill_groups(pids):
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # each child leads its own session
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_launcher(*args, timeout=JOB_TIMEOUT):
+    """Run ``python -m parallel_exec.launch ARGS``; return it and its children's PIDs."""
+    command = [sys.executable, "-m", "parallel_exec.launch", *map(str, args)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=TESTS.parent)
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        _kill_groups(_started_pids(stderr))
+        raise
+    pids = _started_pids(proc.stderr)
+    assert len(pids) >= 3, f"expected a scheduler, a server and workers to start:\n{proc.stderr}"
+    return proc, pids
+
+
+def train_job(tmp_path, kvstore, *extra, timeout=""):
+    launcher_options = ["--ipc", "-n", 2, "-s", 1] + (["--timeout", timeout] if timeout else [])
+    return run_launcher(*launcher_options, "--", sys.executable, SCRIPT, "--kvstore", kvstore, "--out", tmp_path, "--steps", STEPS, *extra)
+
+
+@pytest.fixture(scope="module")
+def reference_params():
+    """One process training on the union of the data over 4 contexts."""
+    _, params = dist_train_script.train("device", [mx.cpu(i) for i in range(4)], STEPS)
+    return params
+
+
+# -- whole jobs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kvstore", ["dist_sync", "dist_device_sync"])
+def test_two_workers_train_like_one_process_on_all_their_contexts(tmp_path, kvstore, reference_params):
+    proc, pids = train_job(tmp_path, kvstore)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "job finished: every worker exited 0" in proc.stderr
+    assert not _alive(pids)
+    ranks = [dict(np.load(tmp_path / f"params-rank{rank}.npz")) for rank in (0, 1)]
+    assert sorted(ranks[0]) == sorted(reference_params)
+    for name, expected in reference_params.items():
+        # Bitwise equal between workers: the servers hand both the same values.
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+        np.testing.assert_allclose(ranks[0][name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    # Output is streamed, prefixed by who wrote it.
+    assert re.search(r"^\[worker [01]\] rank [01] step 9 loss", proc.stdout, re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "fail, reason",
+    [
+        pytest.param("raise", r"worker [01] \(pid \d+\) exited with status 1", id="raise"),
+        pytest.param("kill", r"worker [01] \(pid \d+\) was killed by SIGKILL", id="kill"),
+        pytest.param("stall", r"no output from any worker for 8 s", id="stall"),
+    ],
+)
+def test_a_failing_worker_stops_the_whole_job(tmp_path, fail, reason):
+    # ps-lite never notices a dead peer: without the launcher, each of these
+    # leaves every other process of the job waiting forever.
+    proc, pids = train_job(tmp_path, "dist_sync", "--fail", fail, timeout=8)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search("job failed: " + reason, proc.stderr), proc.stderr
+    assert not _alive(pids)
+    assert not list(tmp_path.glob("params-rank*.npz"))
+    if fail == "raise":
+        assert "RuntimeError: injected failure in a task" in proc.stdout
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    # Workers that never join: the scheduler and server wait for them forever.
+    park = "import threading; print('ready', flush=True); threading.Event().wait()"
+    command = [sys.executable, "-m", "parallel_exec.launch", "-n", "2", "--ipc", "--", sys.executable, "-c", park]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+    try:
+        ready = set()
+        for line in proc.stdout:  # the module's timeout guards this loop
+            if line.endswith("] ready\n"):
+                ready.add(line.split("]")[0])
+            if len(ready) == 2:
+                break
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            _kill_groups(_started_pids(proc.stderr.read()))
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "job failed: the launcher received SIGINT" in stderr
+    pids = _started_pids(stderr)
+    assert len(pids) == 4
+    assert not _alive(pids)
+
+
+# -- bad input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-n", "0", "--", "python", "train.py"], "-n/--num-workers must be at least 1, got 0"),
+        (["-n", "2"], "missing the command to run"),
+        (["-n", "2", "--"], "missing the command to run after --"),
+        (["-n", "2", "-s", "0", "--", "python"], "ps-lite needs a server"),
+        (["-n", "2", "--scheduler", "10.0.0.1:9000", "--", "python"], "needs --host"),
+    ],
+)
+def test_launcher_bad_arguments_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as excinfo:
+        launch.main(argv)
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_kvstore_type_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown kvstore type 'dist_foo'; expected one of device, local, dist_sync"):
+        dist.init_worker("dist_foo")
+
+
+def test_distributed_kvstore_outside_a_job_says_how_to_start_one(monkeypatch):
+    for name in ("DMLC_ROLE", "DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "DMLC_NUM_SERVER", "DMLC_NUM_WORKER"):
+        monkeypatch.delenv(name, raising=False)
+    # Creating the kvstore here would wait forever for a scheduler.
+    with pytest.raises(RuntimeError, match=r"DMLC_ROLE=None.*python -m parallel_exec.launch"):
+        dist.init_worker("dist_sync")
+
+
+# -- worker side without a job ------------------------------------------------
+
+
+def test_local_kvstore_is_a_single_worker_that_changes_nothing():
+    worker = dist.init_worker("device")
+    assert (worker.rank, worker.num_workers, worker.kvstore) == (0, 1, None)
+    data = np.arange(7)
+    np.testing.assert_array_equal(worker.shard(data), data)
+    net = mx.gluon.nn.Dense(2, in_units=3)
+    net.initialize(ctx=mx.cpu(0))
+    trainer = worker.trainer(net.collect_params(), "sgd", {"learning_rate": 1.0})
+    assert isinstance(trainer, dist.DistTrainer)
+    with pytest.raises(TypeError, match="do not pass kvstore"):
+        worker.trainer(net.collect_params(), "sgd", kvstore="device")
+
+
+def _fake_worker(rank, num_workers, kvstore_type="dist_sync"):
+    """A Worker whose kvstore only answers rank and num_workers."""
+    return dist.Worker(kvstore_type, types.SimpleNamespace(rank=rank, num_workers=num_workers))
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_shard_gives_equal_contiguous_shares_and_drops_the_rest(rank):
+    worker = _fake_worker(rank, 3)
+    expected = list(range(3 * rank, 3 * rank + 3))  # 11 samples: 3 each, 2 dropped
+    assert list(worker.shard(list(range(11)))) == expected
+    assert worker.shard(mx.nd.arange(11)).asnumpy().tolist() == expected
+    dataset = mx.gluon.data.SimpleDataset(list(range(11)))
+    assert list(worker.shard(dataset)) == expected
+
+
+def test_broadcast_refuses_parameters_whose_shape_is_unknown():
+    net = mx.gluon.nn.Dense(2)  # in_units unknown until a forward pass
+    net.initialize()
+    with pytest.raises(ValueError, match="is not initialized yet"):
+        dist.init_worker("device").broadcast(net.collect_params())
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_fail_fast_ends_the_process_on_an_uncaught_exception(where):
+    # A non-daemon thread that never ends: without the hook the process
+    # would wait for it at exit (main) or run on (thread) forever.
+    program = f"""
+import threading
+from parallel_exec import dist
+dist.install_fail_fast()
+threading.Thread(target=threading.Event().wait).start()
+def fail():
+    raise RuntimeError("boom in {where}")
+if "{where}" == "main":
+    fail()
+threading.Thread(target=fail, name="failing").start()
+threading.Event().wait()
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 1
+    assert f"RuntimeError: boom in {where}" in proc.stderr
+    assert ("thread failing" if where == "thread" else "the main thread") in proc.stderr
+
+
+# -- role_environment: pure ---------------------------------------------------
+
+
+def test_role_environment_is_everything_a_local_process_needs():
+    env = dist.role_environment("worker", num_workers=4, num_servers=2, scheduler_host="127.0.0.1", scheduler_port=9091)
+    assert env == {
+        "DMLC_ROLE": "worker",
+        "DMLC_PS_ROOT_URI": "127.0.0.1",
+        "DMLC_PS_ROOT_PORT": "9091",
+        "DMLC_NUM_WORKER": "4",
+        "DMLC_NUM_SERVER": "2",
+        "DMLC_NODE_HOST": "127.0.0.1",  # else ps-lite announces the first non-loopback interface
+        "DMLC_LOCAL": "0",
+    }
+
+
+def test_role_environment_on_another_machine_and_with_unix_sockets():
+    env = dist.role_environment(
+        "server", num_workers=1, num_servers=1, scheduler_host="10.0.0.1", scheduler_port=9000, node_host="10.0.0.2"
+    )
+    assert (env["DMLC_ROLE"], env["DMLC_PS_ROOT_URI"], env["DMLC_NODE_HOST"]) == ("server", "10.0.0.1", "10.0.0.2")
+    env = dist.role_environment("scheduler", num_workers=1, num_servers=1, scheduler_host="127.0.0.1", scheduler_port=1, unix_sockets=True)
+    assert env["DMLC_LOCAL"] == "1"
+
+
+def test_role_environment_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("DMLC_ROLE", "server")
+    monkeypatch.setenv("DMLC_NODE_HOST", "10.9.9.9")
+    env = dist.role_environment("worker", num_workers=1, num_servers=1, scheduler_host="127.0.0.1", scheduler_port=80)
+    assert (env["DMLC_ROLE"], env["DMLC_NODE_HOST"]) == ("worker", "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "role, workers, servers, port, message",
+    [
+        ("master", 1, 1, 80, "unknown role 'master'"),
+        ("worker", 0, 1, 80, "num_workers must be at least 1, got 0"),
+        ("worker", 1, 0, 80, "num_servers must be at least 1"),
+        ("worker", 1, 1, 0, "scheduler_port must be in 1..65535, got 0"),
+        ("worker", 1, 1, 65536, "got 65536"),
+    ],
+)
+def test_role_environment_rejects_bad_values(role, workers, servers, port, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dist.role_environment(role, num_workers=workers, num_servers=servers, scheduler_host="127.0.0.1", scheduler_port=port)
+
+
+def test_role_of_process_maps_a_cluster_rank_to_a_role():
+    roles = [dist.role_of_process(i, num_workers=3, num_servers=2) for i in range(6)]
+    assert roles == [("scheduler", 0), ("server", 0), ("server", 1), ("worker", 0), ("worker", 1), ("worker", 2)]
+    with pytest.raises(ValueError, match="process index 6 is outside 0..5"):
+        dist.role_of_process(6, num_workers=3, num_servers=2)
