@@ -20,6 +20,17 @@ the same in every mode:
 With the same ``--seed`` every mode starts from the same parameters, sees the
 batches in the same order and ends with the same parameters.
 
+``--kvstore`` picks how gradients are combined: ``device`` (default) on this
+process's devices; ``dist_sync``, ``dist_device_sync`` or ``dist_async``
+across worker processes through MXNet's parameter servers. Run those under
+the launcher, which starts the scheduler, servers and workers::
+
+    python -m parallel_exec.launch -n 2 -- python examples/train_digits.py --kvstore dist_sync
+
+Every worker goes through the same global batches and takes its share of each
+(``worker.shard``), so two workers train like one process on all their
+devices. Rank 0 writes the outputs.
+
 Run ``python examples/train_digits.py --help`` for the options. The run
 leaves ``params.params``, ``metrics.json`` and ``metrics.png`` in ``--out``.
 """
@@ -46,8 +57,10 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import parallel_exec as pe
+from parallel_exec import dist
 
 MODES = ("map", "futures", "legacy", "sequential")
+KVSTORES = ("device",) + dist.DIST_KVSTORE_TYPES
 
 
 # --- Command line -------------------------------------------------------------
@@ -115,8 +128,15 @@ def parse_args(argv=None):
         metavar="LIST",
         help="devices, e.g. cpu:0,cpu:1 or gpu:0,gpu:1 (default: every GPU MXNet sees, else cpu:0,cpu:1)",
     )
+    add(
+        "--kvstore",
+        choices=KVSTORES,
+        default="device",
+        help="how gradients are combined: on this process's devices, or across the worker processes "
+        "of a job started by python -m parallel_exec.launch (default: %(default)s)",
+    )
     add("--epochs", type=positive(int), default=12, help="passes over the training set (default: %(default)s)")
-    add("--batch-size", type=positive(int), default=64, help="samples per batch, all devices (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=64, help="samples per batch, all devices of all workers (default: %(default)s)")
     add("--lr", type=positive(float), default=0.002, help="Adam learning rate (default: %(default)s)")
     add("--test-size", type=float, default=0.2, help="fraction of images held out (default: %(default)s)")
     add("--seed", type=int, default=0, help="seeds parameters, split, batch order (default: %(default)s)")
@@ -152,11 +172,15 @@ def load_data(test_size, seed):
     return train_test_split(images, labels, test_size=test_size, random_state=seed, stratify=labels)
 
 
-def iter_batches(images, labels, batch_size, rng):
-    """Shuffled full batches as NDArrays; the last, incomplete one is dropped."""
+def iter_batches(images, labels, batch_size, rng, worker):
+    """This worker's share of shuffled full batches, as NDArrays.
+
+    Every worker draws the same order (same seed) and takes its share of each
+    batch; the last, incomplete batch is dropped.
+    """
     order = rng.permutation(len(images))
     for start in range(0, len(order) - batch_size + 1, batch_size):
-        index = order[start : start + batch_size]
+        index = worker.shard(order[start : start + batch_size])
         yield mx.nd.array(images[index]), mx.nd.array(labels[index])
 
 
@@ -288,13 +312,21 @@ def evaluate(net, images, labels, context):
 def train(args):
     """Train with ``args``; return the metrics and the trained network."""
     contexts = args.contexts
+    worker = dist.init_worker(args.kvstore)
+    worker_batch = args.batch_size // worker.num_workers  # what this process's devices get
+    if worker_batch < len(contexts):
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} over {worker.num_workers} workers leaves {worker_batch} "
+            f"samples per worker, fewer than its {len(contexts)} contexts"
+        )
     train_x, test_x, train_y, test_y = load_data(args.test_size, args.seed)
     rng = np.random.default_rng(args.seed)
     mx.random.seed(args.seed)
     net = build_net()
     net.initialize(mx.init.Xavier(), ctx=contexts)
     net.hybridize()
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.lr})
+    # Starts every worker from rank 0's parameters; step() takes this worker's batch.
+    trainer = worker.trainer(net.collect_params(), "adam", {"learning_rate": args.lr})
     step = ShardStep(net)
 
     batches_per_epoch = len(train_x) // args.batch_size
@@ -308,17 +340,17 @@ def train(args):
         for epoch in range(1, args.epochs + 1):
             epoch_start = time.perf_counter()
             loss_sum = correct = seen = 0.0
-            batches = iter_batches(train_x, train_y, args.batch_size, rng)
-            total = batches_per_epoch * args.batch_size
-            with tqdm(total=total, desc=f"epoch {epoch}/{args.epochs}", unit="samples") as bar:
+            batches = iter_batches(train_x, train_y, args.batch_size, rng, worker)
+            total = batches_per_epoch * worker_batch
+            with tqdm(total=total, desc=f"epoch {epoch}/{args.epochs}", unit="samples", disable=worker.rank > 0) as bar:
                 for batch_loss, batch_correct in drive(batches):
-                    trainer.step(args.batch_size)  # gradients are summed over the full batch
-                    batch_losses.append(batch_loss / args.batch_size)
+                    trainer.step(worker_batch)  # gradients are summed over this worker's share of the batch
+                    batch_losses.append(batch_loss / worker_batch)
                     loss_sum += batch_loss
                     correct += batch_correct
-                    seen += args.batch_size
+                    seen += worker_batch
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-                    bar.update(args.batch_size)
+                    bar.update(worker_batch)
             seconds = time.perf_counter() - epoch_start
             history.append(
                 {
@@ -336,6 +368,9 @@ def train(args):
     wall_time = time.perf_counter() - start
     metrics = {
         "mode": args.mode,
+        "kvstore": args.kvstore,
+        "rank": worker.rank,
+        "workers": worker.num_workers,
         "contexts": [str(c) for c in contexts],
         "seed": args.seed,
         "epochs": args.epochs,
@@ -345,7 +380,7 @@ def train(args):
         "test_samples": len(test_x),
         "test_accuracy": history[-1]["test_accuracy"],
         "wall_time_s": wall_time,
-        "samples_per_s": batches_per_epoch * args.batch_size * args.epochs / wall_time,
+        "samples_per_s": batches_per_epoch * worker_batch * args.epochs / wall_time,  # this worker's
         "history": history,
         "batch_loss": batch_losses,
     }
@@ -369,8 +404,12 @@ def plot(history, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"training on {', '.join(map(str, args.contexts))} in {args.mode} mode")
+    print(f"training on {', '.join(map(str, args.contexts))} in {args.mode} mode, kvstore {args.kvstore}")
     metrics, net, worker_stats = train(args)
+    if metrics["workers"] > 1:
+        print(f"worker {metrics['rank']} of {metrics['workers']}: test accuracy {metrics['test_accuracy']:.2%}")
+        if metrics["rank"] > 0:
+            return  # every worker ends with the same parameters: rank 0 writes them
 
     args.out.mkdir(parents=True, exist_ok=True)
     net.save_parameters(str(args.out / "params.params"))
