@@ -178,6 +178,19 @@ def test_train_digits_modes_end_with_the_same_parameters(digits_runs):
             )
 
 
+def test_train_digits_under_the_launcher_trains_like_one_process(digits_runs, tmp_path):
+    # Two workers, each with 2 contexts and half of every batch, through
+    # MXNet's parameter server; --timeout ends a stalled job before ours does.
+    command = [EXAMPLES / "train_digits.py", "--kvstore", "dist_sync", "--out", tmp_path / "dist", *TINY]
+    run(["-m", "parallel_exec.launch", "-n", "2", "--ipc", "--timeout", "60", "--", sys.executable, *command], tmp_path)
+    outs, _ = digits_runs
+    reference = mx.nd.load(str(outs["map"] / "params.params"))
+    params = mx.nd.load(str(tmp_path / "dist" / "params.params"))
+    assert params.keys() == reference.keys()
+    for name, value in reference.items():
+        np.testing.assert_allclose(params[name].asnumpy(), value.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 BAD_CONTEXTS = {"bad_kind": "tpu:0", "no_such_gpu": "gpu:99"}
 
 
@@ -205,7 +218,7 @@ def test_train_digits_bad_contexts_is_a_usage_error(cli_checks, name):
 def test_train_digits_help_lists_every_option(cli_checks):
     _, procs = cli_checks
     proc = check_ok(procs["help"])
-    for option in ("--mode", "--contexts", "--epochs", "--batch-size", "--lr", "--test-size", "--seed", "--out", "--trace"):
+    for option in ("--mode", "--kvstore", "--contexts", "--epochs", "--batch-size", "--lr", "--test-size", "--seed", "--out", "--trace"):
         assert option in proc.stdout, option
     assert all(mode in proc.stdout for mode in MODES)
 
