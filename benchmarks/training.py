@@ -173,6 +173,7 @@ class TrainingResult:
     throughput: Dict[str, Summary]  # samples/s
     vs_sequential: Dict[str, Summary]  # in-round ratio to the sequential loop at this N
     vs_one_context: Dict[str, Summary]  # in-round ratio to the single-context sequential loop
+    vs_best_peer: Dict[str, Summary]  # in-round ratio to the faster of the sequential loop and gluonnlp's Parallel
     agreement: Dict[str, Tuple[bool, float]]  # variant -> (allclose to sequential, max abs diff)
     overlap: Optional[Dict[str, dict]] = field(default=None)
 
@@ -264,6 +265,8 @@ def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progr
 
     samples = {name: [variants[name].replica.batch_size * steps / s for s in values] for name, values in seconds.items()}
     one_context = REFERENCE if n > 1 else SEQUENTIAL
+    peers = [SEQUENTIAL] + ([GLUONNLP] if GLUONNLP in samples else [])
+    best_peer = [max(values) for values in zip(*(samples[p] for p in peers))]
     return TrainingResult(
         model=spec.name,
         n=n,
@@ -272,6 +275,7 @@ def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progr
         throughput={name: Summary.of(values) for name, values in samples.items()},
         vs_sequential={name: Summary.of(ratios(samples, name, SEQUENTIAL)) for name in names},
         vs_one_context={name: Summary.of(ratios(samples, name, one_context)) for name in names},
+        vs_best_peer={name: Summary.of([a / b for a, b in zip(samples[name], best_peer)]) for name in names},
         agreement=agreement,
         overlap=overlap,
     )
