@@ -171,7 +171,15 @@ def worker_loop(
             if item is None:
                 return
             slot.running = item
-            item.run(slot, gate)  # counts itself in slot.finished
+            try:
+                item.run(slot, gate)  # counts itself in slot.finished
+            except BaseException:
+                # The future is complete by now: what escapes is a done-callback's
+                # KeyboardInterrupt or SystemExit (Future catches and logs only
+                # Exception from callbacks). Log it likewise and serve on;
+                # ending the loop would strand every task queued here.
+                LOGGER.critical("Exception in a done-callback, in worker %s", threading.current_thread().name,
+                                exc_info=True)
             slot.running = None
             del item  # do not keep the task's arguments alive while idle
     except BaseException:  # only a bug in this module can get here
