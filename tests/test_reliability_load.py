@@ -387,3 +387,36 @@ def test_executor_keeps_nothing_of_a_finished_task_alive(outcome):
     finally:
         release.set()
         ex.shutdown(wait=True)
+
+
+# --- faults outside the task ----------------------------------------------------
+
+
+def raise_from_callback(exc_type):
+    def callback(_future):
+        raise exc_type("raised by a done-callback")
+
+    return callback
+
+
+@pytest.mark.parametrize("exc_type", [ValueError, KeyboardInterrupt, SystemExit])
+def test_a_done_callback_that_raises_does_not_stop_its_worker(exc_type):
+    # Future catches only Exception from done-callbacks; a KeyboardInterrupt
+    # or SystemExit raised by one escapes set_result() in the worker. The
+    # worker must serve on, or every task queued on it would hang.
+    ex = pe.ContextExecutor([mx.cpu(0)], serial_init=False)
+    release = threading.Event()
+    try:
+        parked = ex.submit(release.wait, TIMEOUT)
+        parked.add_done_callback(raise_from_callback(exc_type))  # runs in the worker
+        failing = ex.submit(raise_from_callback(TaskError), None)
+        failing.add_done_callback(raise_from_callback(exc_type))
+        queued = [ex.submit(lambda i=i: (mx.nd.ones((2,)) * i).sum().asscalar()) for i in range(3)]
+        release.set()
+        assert parked.result(TIMEOUT) is True
+        assert isinstance(failing.exception(TIMEOUT), TaskError)
+        assert [f.result(TIMEOUT) for f in queued] == [0.0, 2.0, 4.0]
+        assert ex.submit(lambda: "still serving").result(TIMEOUT) == "still serving"
+    finally:
+        release.set()
+        ex.shutdown(wait=True)
