@@ -132,7 +132,9 @@ def role_of_process(index: int, *, num_workers: int, num_servers: int) -> Tuple[
     """
     total = 1 + num_servers + num_workers
     if not 0 <= index < total:
-        raise ValueError(f"process index {index} is outside 0..{total - 1} (1 scheduler, {num_servers} servers, {num_workers} workers)")
+        raise ValueError(
+            f"process index {index} is outside 0..{total - 1} (1 scheduler, {num_servers} servers, {num_workers} workers)"
+        )
     if index == 0:
         return "scheduler", 0
     if index <= num_servers:
@@ -185,7 +187,9 @@ class DistTrainer(mx.gluon.Trainer):
     conversion, so the training loop stays the one-machine loop.
     """
 
-    def __init__(self, params: Any, optimizer: Any, optimizer_params: Optional[dict], *, worker: "Worker", **kwargs: Any) -> None:
+    def __init__(
+        self, params: Any, optimizer: Any, optimizer_params: Optional[dict], *, worker: "Worker", **kwargs: Any
+    ) -> None:
         kvstore = worker.kvstore if worker.kvstore is not None else worker.kvstore_type
         super().__init__(params, optimizer, optimizer_params, kvstore=kvstore, **kwargs)
         self._batch_multiplier = worker.num_workers if worker.synchronous else 1
@@ -252,7 +256,9 @@ class Worker:
         share = len(data) // self.num_workers
         dropped = len(data) - share * self.num_workers
         if dropped:
-            LOGGER.info("dropping the last %d of %d samples so that %d workers get equal shares", dropped, len(data), self.num_workers)
+            LOGGER.info(
+                "dropping the last %d of %d samples so that %d workers get equal shares", dropped, len(data), self.num_workers
+            )
         start = self.rank * share
         if isinstance(data, mx.gluon.data.Dataset):
             return data.sample(mx.gluon.data.SequentialSampler(share, start))
@@ -286,7 +292,9 @@ class Worker:
         # and every worker waits for it); pull copies it to every context.
         self.kvstore.broadcast(keys, [data[0] for data in arrays], out=arrays)
 
-    def trainer(self, params: Any, optimizer: Any, optimizer_params: Optional[dict] = None, **kwargs: Any) -> DistTrainer:
+    def trainer(
+        self, params: Any, optimizer: Any, optimizer_params: Optional[dict] = None, **kwargs: Any
+    ) -> DistTrainer:
         """Broadcast rank 0's parameters, then build a trainer on this kvstore.
 
         Args:
@@ -369,7 +377,9 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
     with _worker_lock:
         if _worker is not None:
             if _worker.kvstore_type != kvstore:
-                raise RuntimeError(f"this process already joined as a {_worker.kvstore_type} worker; it cannot switch to {kvstore}")
+                raise RuntimeError(
+                    f"this process already joined as a {_worker.kvstore_type} worker; it cannot switch to {kvstore}"
+                )
             return _worker
         if fail_fast:
             install_fail_fast()

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .dist import role_environment
 
@@ -58,6 +58,8 @@ _FINALIZE_WAIT = 30.0
 _OUTPUT_DRAIN_SECONDS = 5.0
 _SERVER_COMMAND = [sys.executable, "-c", "import mxnet"]
 _LINE_END = re.compile(rb"[\r\n]")  # \r too: progress bars redraw with it
+# (role, index within the role here, command, environment) of one child.
+_Planned = Tuple[str, int, List[str], Dict[str, str]]
 
 
 class _Child:
@@ -93,6 +95,12 @@ def _wait_for_exit(child: _Child, reader: threading.Thread, events: "queue.Simpl
     events.put(("exit", child, returncode))
 
 
+def _start_thread(target: Callable[..., None], *args: Any, name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 def _describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -119,7 +127,7 @@ class _Job:
     thread that calls ``run``; the reader and waiter threads only post.
     """
 
-    def __init__(self, plan: Sequence[Tuple[str, int, List[str], Dict[str, str]]], progress_timeout: float, grace: float) -> None:
+    def __init__(self, plan: Sequence[_Planned], progress_timeout: float, grace: float) -> None:
         self._plan = plan
         self._progress_timeout = progress_timeout
         self._grace = grace
@@ -158,7 +166,8 @@ class _Job:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
-                    start_new_session=True,  # own process group: ended as a whole, spared the terminal's Ctrl-C
+                    # Its own process group: ended as a whole, spared the terminal's Ctrl-C.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 label = "scheduler" if role == "scheduler" else f"{role} {index}"
@@ -166,9 +175,8 @@ class _Job:
             child = _Child(role, index, proc)
             self._children.append(child)
             LOGGER.info("started %s (pid %d)", child.label, proc.pid)
-            reader = threading.Thread(target=_read_output, args=(child, self._events), name=f"read[{child.label}]", daemon=True)
-            reader.start()
-            threading.Thread(target=_wait_for_exit, args=(child, reader, self._events), name=f"wait[{child.label}]", daemon=True).start()
+            reader = _start_thread(_read_output, child, self._events, name=f"read[{child.label}]")
+            _start_thread(_wait_for_exit, child, reader, self._events, name=f"wait[{child.label}]")
         return None, 0
 
     def _supervise(self) -> Tuple[Optional[str], int]:
@@ -180,7 +188,7 @@ class _Job:
             try:
                 kind, child, payload = self._events.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                return f"no output from any worker for {timeout:g} s; the job looks stalled (raise --timeout if it is only slow)", 1
+                return f"no output from any worker for {timeout:g} s; the job looks stalled (raise --timeout if it is slow)", 1
             if kind == "signal":
                 return f"the launcher received {signal.Signals(payload).name}", 128 + payload
             if kind == "output":
@@ -201,7 +209,8 @@ class _Job:
             running = [c for c in self._children if not c.exited.is_set()]
             if not running:
                 return
-            LOGGER.info("sending %s to %s", signal.Signals(signum).name, ", ".join(f"{c.label} (pid {c.proc.pid})" for c in running))
+            names = ", ".join(f"{c.label} (pid {c.proc.pid})" for c in running)
+            LOGGER.info("sending %s to %s", signal.Signals(signum).name, names)
             for child in running:
                 _signal_group(child, signum)
             self._wait_for_children(wait)
@@ -246,35 +255,41 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m parallel_exec.launch",
         description="Run a ps-lite (MXNet distributed kvstore) job: scheduler, servers and workers, "
         "supervised: the first failure stops every process.",
         epilog="example: python -m parallel_exec.launch -n 2 -- python examples/train_digits.py --kvstore dist_sync",
     )
-    parser.add_argument("-n", "--num-workers", type=int, required=True, help="worker processes in the whole job")
-    parser.add_argument("-s", "--num-servers", type=int, default=1, help="server processes in the whole job (default 1)")
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_PROGRESS_TIMEOUT,
-        help=f"stop the job when no worker printed anything for this many seconds; 0 disables (default {DEFAULT_PROGRESS_TIMEOUT:g})",
+    add = parser.add_argument
+    add("-n", "--num-workers", type=int, required=True, help="worker processes in the whole job")
+    add("-s", "--num-servers", type=int, default=1, help="server processes in the whole job (default 1)")
+    add(
+        "--timeout",
+        type=float,
+        default=DEFAULT_PROGRESS_TIMEOUT,
+        help="stop the job when no worker printed anything for this many seconds; 0 disables (default %(default)g)",
     )
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, help=f"seconds between SIGTERM and SIGKILL when stopping (default {DEFAULT_GRACE:g})")
-    parser.add_argument("--host", default="127.0.0.1", help="address of this machine that the job binds to (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="scheduler port (default: a free one)")
-    parser.add_argument("--scheduler", metavar="HOST:PORT", help="join the scheduler another launcher runs instead of starting one")
-    parser.add_argument("--local-workers", type=int, help="workers to start on this machine (default: all)")
-    parser.add_argument("--local-servers", type=int, help="servers to start on this machine (default: all)")
-    parser.add_argument("--ipc", action="store_true", help="Unix sockets instead of TCP (DMLC_LOCAL=1); whole job on this machine only")
+    add("--grace", type=float, default=DEFAULT_GRACE, help="seconds from SIGTERM to SIGKILL when stopping (default %(default)g)")
+    add("--host", default="127.0.0.1", help="address of this machine that the job binds to (default %(default)s)")
+    add("--port", type=int, default=0, help="scheduler port (default: a free one)")
+    add("--scheduler", metavar="HOST:PORT", help="join the scheduler another launcher runs instead of starting one")
+    add("--local-workers", type=int, help="workers to start on this machine (default: all)")
+    add("--local-servers", type=int, help="servers to start on this machine (default: all)")
+    add("--ipc", action="store_true", help="Unix sockets instead of TCP (DMLC_LOCAL=1); whole job on this machine only")
+    return parser
 
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The launcher's options and, after ``--``, the workers' command; exit 2 if bad."""
+    parser = _build_parser()
     argv = list(argv)
-    if "--" not in argv:
-        parser.error("missing the command to run: put it after --, e.g. -- python train.py")
-    split = argv.index("--")
-    args = parser.parse_args(argv[:split])
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])  # first, so that --help works
     args.command = argv[split + 1 :]
     if not args.command:
-        parser.error("missing the command to run after --, e.g. -- python train.py")
+        parser.error("missing the command to run: put it after --, e.g. -- python train.py")
     if args.num_workers < 1:
         parser.error(f"-n/--num-workers must be at least 1, got {args.num_workers}")
     if args.num_servers < 1:
@@ -283,6 +298,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--timeout and --grace must not be negative")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    _check_placement(parser, args)
+    return args
+
+
+def _check_placement(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check and complete what runs on this machine and where the scheduler is."""
     args.local_workers = args.num_workers if args.local_workers is None else args.local_workers
     args.local_servers = args.num_servers if args.local_servers is None else args.local_servers
     if not 0 <= args.local_workers <= args.num_workers:
@@ -298,13 +319,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error("joining a scheduler on another machine needs --host set to this machine's address")
         if args.local_workers + args.local_servers == 0:
             parser.error("nothing to start here: --local-workers and --local-servers are both 0")
-    distributed = args.scheduler is not None or (args.local_workers, args.local_servers) != (args.num_workers, args.num_servers)
-    if args.ipc and distributed:
+    whole_job_here = args.scheduler is None and (args.local_workers, args.local_servers) == (args.num_workers, args.num_servers)
+    if args.ipc and not whole_job_here:
         parser.error("--ipc needs the whole job on this machine")
-    return args
 
 
-def _plan(args: argparse.Namespace) -> List[Tuple[str, int, List[str], Dict[str, str]]]:
+def _plan(args: argparse.Namespace) -> List[_Planned]:
     """(role, index, command, environment) of every process to start here."""
     if args.scheduler is None:
         scheduler_host, scheduler_port = args.host, args.port or _free_port(args.host)

@@ -69,7 +69,8 @@ def run_launcher(*args, timeout=JOB_TIMEOUT):
 
 def train_job(tmp_path, kvstore, *extra, timeout=""):
     launcher_options = ["--ipc", "-n", 2, "-s", 1] + (["--timeout", timeout] if timeout else [])
-    return run_launcher(*launcher_options, "--", sys.executable, SCRIPT, "--kvstore", kvstore, "--out", tmp_path, "--steps", STEPS, *extra)
+    command = [sys.executable, SCRIPT, "--kvstore", kvstore, "--out", tmp_path, "--steps", STEPS, *extra]
+    return run_launcher(*launcher_options, "--", *command)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,8 @@ def test_ctrl_c_stops_every_process(tmp_path):
     [
         (["-n", "0", "--", "python", "train.py"], "-n/--num-workers must be at least 1, got 0"),
         (["-n", "2"], "missing the command to run"),
-        (["-n", "2", "--"], "missing the command to run after --"),
+        (["-n", "2", "--"], "missing the command to run: put it after --"),
+        (["--", "python"], "the following arguments are required: -n/--num-workers"),
         (["-n", "2", "-s", "0", "--", "python"], "ps-lite needs a server"),
         (["-n", "2", "--scheduler", "10.0.0.1:9000", "--", "python"], "needs --host"),
     ],
@@ -162,6 +164,15 @@ def test_launcher_bad_arguments_are_usage_errors(capsys, argv, message):
         launch.main(argv)
     assert excinfo.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_launcher_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        launch.main(["--help"])
+    assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--num-workers", "--num-servers", "--timeout", "--grace", "--host", "--scheduler", "--ipc"):
+        assert option in out, option
 
 
 def test_unknown_kvstore_type_names_the_choices():
@@ -258,7 +269,9 @@ def test_role_environment_on_another_machine_and_with_unix_sockets():
         "server", num_workers=1, num_servers=1, scheduler_host="10.0.0.1", scheduler_port=9000, node_host="10.0.0.2"
     )
     assert (env["DMLC_ROLE"], env["DMLC_PS_ROOT_URI"], env["DMLC_NODE_HOST"]) == ("server", "10.0.0.1", "10.0.0.2")
-    env = dist.role_environment("scheduler", num_workers=1, num_servers=1, scheduler_host="127.0.0.1", scheduler_port=1, unix_sockets=True)
+    env = dist.role_environment(
+        "scheduler", num_workers=1, num_servers=1, scheduler_host="127.0.0.1", scheduler_port=1, unix_sockets=True
+    )
     assert env["DMLC_LOCAL"] == "1"
 
 
