@@ -26,14 +26,23 @@ import parallel_exec as pe
 from conftest import CPU2, TIMEOUT
 
 # Prepended to every script: ``say`` writes a line in one call, so lines
-# from several threads never interleave.
+# from several threads never interleave. ``notice_exit()``, called after
+# importing parallel_exec, sets ``exiting`` from an atexit hook that runs
+# before parallel_exec's (last in, first out): a task waiting on it is
+# certainly still running when the interpreter starts to exit.
 PRELUDE = """
+import atexit
 import sys
 import threading
+
+exiting = threading.Event()
 
 def say(line):
     sys.stdout.write(line + "\\n")
     sys.stdout.flush()
+
+def notice_exit():
+    atexit.register(exiting.set)
 """
 
 
@@ -58,13 +67,15 @@ def test_parallel_left_open_with_work_in_flight_exits_promptly(how):
         import mxnet as mx
         import parallel_exec as pe
 
+        notice_exit()
+
         started = threading.Event()
 
         class Slow(pe.Parallelizable):
             def forward_backward(self, x):
                 if x == 0:
                     started.set()
-                    threading.Event().wait(0.3)  # still running when the script ends
+                    assert exiting.wait(30)  # still running when the script ends
                 say(f"call {{x}} done: {{(mx.nd.ones((2,)) * x).sum().asscalar()}}")
                 return x
 
@@ -97,12 +108,14 @@ def test_main_thread_exiting_from_an_exception_lets_running_and_queued_work_fini
         import mxnet as mx
         import parallel_exec as pe
 
+        notice_exit()
+
         ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)])
         started = threading.Event()
 
         def running():
             started.set()
-            threading.Event().wait(0.3)  # the main thread raises meanwhile
+            assert exiting.wait(30)  # the main thread raises meanwhile
             say("running task done")
 
         def queued(i):

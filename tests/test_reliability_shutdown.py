@@ -376,14 +376,14 @@ def test_shutdown_from_the_atexit_path_does_not_hang():
         import mxnet as mx
         import parallel_exec as pe
 
+        exiting = threading.Event()
         A = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)], serial_init=False)
         B = pe.ContextExecutor([mx.cpu(0)], serial_init=False)
         started = threading.Event()
 
         def shut_down_self_at_exit():
             started.set()
-            # Still running when the interpreter starts exiting.
-            threading.Event().wait(0.3)
+            assert exiting.wait(30)  # still running when the interpreter starts exiting
             A.shutdown(wait=True)
             say("a task shut its own executor down")
 
@@ -401,6 +401,7 @@ def test_shutdown_from_the_atexit_path_does_not_hang():
         A.submit_to(mx.cpu(1), say, "queued on A")
         B.submit(shut_down_a_from_b)
         atexit.register(before_parallel_exec_hook)
+        atexit.register(exiting.set)  # registered last: the first hook to run
         say("main thread ends")
         """
     )
