@@ -133,7 +133,8 @@ def role_of_process(index: int, *, num_workers: int, num_servers: int) -> Tuple[
     total = 1 + num_servers + num_workers
     if not 0 <= index < total:
         raise ValueError(
-            f"process index {index} is outside 0..{total - 1} (1 scheduler, {num_servers} servers, {num_workers} workers)"
+            f"process index {index} is outside 0..{total - 1} "
+            f"(1 scheduler, {num_servers} servers, {num_workers} workers)"
         )
     if index == 0:
         return "scheduler", 0
@@ -257,7 +258,10 @@ class Worker:
         dropped = len(data) - share * self.num_workers
         if dropped:
             LOGGER.info(
-                "dropping the last %d of %d samples so that %d workers get equal shares", dropped, len(data), self.num_workers
+                "dropping the last %d of %d samples so that %d workers get equal shares",
+                dropped,
+                len(data),
+                self.num_workers,
             )
         start = self.rank * share
         if isinstance(data, mx.gluon.data.Dataset):

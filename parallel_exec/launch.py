@@ -186,9 +186,11 @@ class _Job:
         deadline = time.monotonic() + timeout if timeout else None
         while waiting_for:
             try:
-                kind, child, payload = self._events.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                kind, child, payload = self._events.get(timeout=wait)
             except queue.Empty:
-                return f"no output from any worker for {timeout:g} s; the job looks stalled (raise --timeout if it is slow)", 1
+                stalled = f"no output from any worker for {timeout:g} s; the job looks stalled (raise --timeout if it is slow)"
+                return stalled, 1
             if kind == "signal":
                 return f"the launcher received {signal.Signals(payload).name}", 128 + payload
             if kind == "output":
@@ -271,7 +273,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PROGRESS_TIMEOUT,
         help="stop the job when no worker printed anything for this many seconds; 0 disables (default %(default)g)",
     )
-    add("--grace", type=float, default=DEFAULT_GRACE, help="seconds from SIGTERM to SIGKILL when stopping (default %(default)g)")
+    add("--grace", type=float, default=DEFAULT_GRACE, help="seconds from SIGTERM to SIGKILL (default %(default)g)")
     add("--host", default="127.0.0.1", help="address of this machine that the job binds to (default %(default)s)")
     add("--port", type=int, default=0, help="scheduler port (default: a free one)")
     add("--scheduler", metavar="HOST:PORT", help="join the scheduler another launcher runs instead of starting one")
@@ -319,7 +321,8 @@ def _check_placement(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error("joining a scheduler on another machine needs --host set to this machine's address")
         if args.local_workers + args.local_servers == 0:
             parser.error("nothing to start here: --local-workers and --local-servers are both 0")
-    whole_job_here = args.scheduler is None and (args.local_workers, args.local_servers) == (args.num_workers, args.num_servers)
+    everything_here = (args.local_workers, args.local_servers) == (args.num_workers, args.num_servers)
+    whole_job_here = args.scheduler is None and everything_here
     if args.ipc and not whole_job_here:
         parser.error("--ipc needs the whole job on this machine")
 

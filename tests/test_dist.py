@@ -294,7 +294,9 @@ def test_role_environment_reads_no_environment(monkeypatch):
 )
 def test_role_environment_rejects_bad_values(role, workers, servers, port, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        dist.role_environment(role, num_workers=workers, num_servers=servers, scheduler_host="127.0.0.1", scheduler_port=port)
+        dist.role_environment(
+            role, num_workers=workers, num_servers=servers, scheduler_host="127.0.0.1", scheduler_port=port
+        )
 
 
 def test_role_of_process_maps_a_cluster_rank_to_a_role():
