@@ -12,10 +12,11 @@ the variables for a role.
 In the training script::
 
     worker = dist.init_worker(args.kvstore)   # "device" runs as one process
-    data = worker.shard(data)                 # this worker's equal share
     trainer = worker.trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
-    ...
-    trainer.step(data_batch.shape[0])         # this worker's batch, as on one machine
+    for data, label in batches:               # the same global batches everywhere
+        data, label = worker.shard(data), worker.shard(label)  # this worker's share
+        ...                                   # forward and backward, as on one machine
+        trainer.step(data.shape[0])           # this worker's batch, as on one machine
 
 Guarantees:
 - Every worker starts from rank 0's parameters (``Worker.trainer`` and
