@@ -12,7 +12,7 @@ Guarantees:
 - The first child that exits with a non-zero status, or that is killed,
   stops the job: ps-lite never notices a dead peer, so without this every
   other process would wait forever. So does a job whose workers print
-  nothing for ``--timeout`` seconds, and SIGINT/SIGTERM to the launcher.
+  nothing for ``--timeout`` seconds, and SIGINT/SIGTERM/SIGHUP to the launcher.
 - The job is stopped by signalling each child's process group (each child
   gets its own session): SIGTERM, then SIGKILL after ``--grace`` seconds.
   No child outlives the launcher, unless the launcher itself is SIGKILLed.
@@ -136,7 +136,7 @@ class _Job:
 
     def run(self) -> int:
         """Start every child, supervise, stop the rest; return the exit status."""
-        handled = (signal.SIGINT, signal.SIGTERM)
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed
         previous = {signum: signal.getsignal(signum) for signum in handled}
         for signum in handled:
             # SimpleQueue.put is reentrant, so a handler may call it.
