@@ -14,7 +14,8 @@ them):
 
 - ``PE_STRESS_TASKS``: tasks of the load test (default 20,000; the soak
   uses 1,000,000).
-- ``PE_MEMORY_TASKS``: tasks measured by the RSS test (default 100,000).
+- ``PE_MEMORY_TASKS``: tasks measured by the RSS test (default 50,000; the
+  soak uses 200,000).
 - ``PE_STRESS_SEED``: replay a failed load run with the seed it printed.
 """
 
@@ -36,7 +37,7 @@ import parallel_exec as pe
 from conftest import TIMEOUT
 
 STRESS_TASKS = int(os.environ.get("PE_STRESS_TASKS", "20000"))
-MEMORY_TASKS = int(os.environ.get("PE_MEMORY_TASKS", "100000"))
+MEMORY_TASKS = int(os.environ.get("PE_MEMORY_TASKS", "50000"))
 
 # Four contexts, cpu(1) twice: routing picks the less busy of its workers.
 CONTEXTS = [mx.cpu(0), mx.cpu(1), mx.cpu(2), mx.cpu(3), mx.cpu(1)]
@@ -316,14 +317,14 @@ def run_memory_tasks(ex, n: int, batch: int = 1000) -> None:
 def test_rss_stays_flat_over_many_tasks():
     with pe.ContextExecutor([mx.cpu(0), mx.cpu(1)]) as ex:
         # Warm up: allocator pools, MXNet's engine and the stats windows.
-        run_memory_tasks(ex, 20_000)
+        run_memory_tasks(ex, 10_000)
         gc.collect()
         before = rss_bytes()
         run_memory_tasks(ex, MEMORY_TASKS)
         gc.collect()
         growth = rss_bytes() - before
     print(f"RSS growth over {MEMORY_TASKS} tasks: {growth / 2**20:.2f} MiB")
-    # Leaking each task's 1 KiB result would cost ~100 MiB per 100,000 tasks.
+    # Leaking each task's 1 KiB result would cost ~50 MiB per 50,000 tasks.
     assert growth < 10 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over {MEMORY_TASKS} tasks"
 
 
