@@ -31,9 +31,10 @@ answer); `map` over one shard per context is what a data-parallel step does.
 A `ThreadPoolExecutor` or gluonnlp's `Parallel` share one queue among their
 threads, so one woken thread may run several trivial tasks in a row;
 `ContextExecutor` pins each shard to its device's thread, so every shard wakes
-its own thread. Switching the timeline on adds a few microseconds per task
-(timestamps and trace events): switch it on around the steps you want to look
-at, not for a whole run.
+its own thread. Recording a timeline adds tens of microseconds per task
+(building the trace events): switch it on around the steps you want to look
+at, not for a whole run. With recording off, the executor checks one
+attribute per task.
 
 **MXNet already overlaps devices without threads.** Its engine is
 asynchronous: a forward/backward call returns once it has *queued* its
@@ -55,9 +56,12 @@ work to finish.
   call (over a thousand per step here) releases the GIL and takes it back, so
   several threads pushing small operators hand the GIL back and forth, and
   each handoff costs a thread switch. That is where threads do not help and
-  can lose against the plain loop. If your model is like this, **hybridize
-  it** (then a shard is one graph call and threads help), or keep the
-  sequential loop.
+  can lose against the plain loop. The overlap picture shows it: with threads
+  the shards' spans overlap, but each takes longer, because only one of them
+  runs Python at any moment. And `trainer.step` runs in the caller, alone,
+  whichever way the shards were driven. If your model is like this,
+  **hybridize it** (then a shard is one graph call and threads help), or keep
+  the sequential loop.
 - **On CPU contexts, MXNet's own threads compete for the cores.** Every
   `mx.cpu(i)` has its own engine worker, and operators run on OpenMP threads
   that spin while they wait for more work (`OMP_WAIT_POLICY`, recorded in the
