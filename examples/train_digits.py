@@ -27,6 +27,10 @@ the launcher, which starts the scheduler, servers and workers::
 
     python -m parallel_exec.launch -n 2 -- python examples/train_digits.py --kvstore dist_sync
 
+``horovod`` (optional extra) runs under Horovod's launcher instead::
+
+    horovodrun --gloo -np 2 -H localhost:2 python examples/train_digits.py --kvstore horovod
+
 Every worker goes through the same global batches and takes its share of each
 (``worker.shard``), so two workers train like one process on all their
 devices. Rank 0 writes the outputs.
@@ -60,7 +64,7 @@ import parallel_exec as pe
 from parallel_exec import dist
 
 MODES = ("map", "futures", "legacy", "sequential")
-KVSTORES = ("device",) + dist.DIST_KVSTORE_TYPES
+KVSTORES = ("device",) + dist.DIST_KVSTORE_TYPES + ("horovod",)
 
 
 # --- Command line -------------------------------------------------------------
@@ -133,7 +137,7 @@ def parse_args(argv=None):
         choices=KVSTORES,
         default="device",
         help="how gradients are combined: on this process's devices, or across the worker processes "
-        "of a job started by python -m parallel_exec.launch (default: %(default)s)",
+        "of a job started by python -m parallel_exec.launch (dist_*) or horovodrun (default: %(default)s)",
     )
     add("--epochs", type=positive(int), default=12, help="passes over the training set (default: %(default)s)")
     add("--batch-size", type=positive(int), default=64, help="samples per batch, all devices of all workers (default: %(default)s)")

@@ -7,7 +7,8 @@ ps-lite job is one scheduler, some servers and some workers, each a process
 told its role by ``DMLC_*`` environment variables. ``python -m
 parallel_exec.launch`` starts and supervises all of them on one machine;
 ``role_environment`` gives any other launcher (mpirun, Slurm, Kubernetes)
-the variables for a role.
+the variables for a role. With ``horovod`` (optional, under ``horovodrun``)
+Horovod's allreduce replaces the servers.
 
 In the training script::
 
@@ -53,6 +54,8 @@ LOGGER = logging.getLogger("parallel_exec.dist")
 
 DIST_KVSTORE_TYPES = ("dist_sync", "dist_device_sync", "dist_async")
 LOCAL_KVSTORE_TYPES = ("device", "local")
+#: Every type ``init_worker`` takes.
+KVSTORE_TYPES = LOCAL_KVSTORE_TYPES + DIST_KVSTORE_TYPES + ("horovod",)
 ROLES = ("scheduler", "server", "worker")
 
 # Keys of the parameters broadcast by ``Worker.broadcast``: far above the
@@ -212,6 +215,66 @@ class DistTrainer(mx.gluon.Trainer):
         super().update(batch_size * self._batch_multiplier, ignore_stale_grad)
 
 
+class HorovodTrainer(mx.gluon.Trainer):
+    """A ``gluon.Trainer`` that sums gradients over this process's contexts and, with Horovod, over all processes.
+
+    Build it with ``Worker.trainer`` after ``init_worker("horovod")``.
+    Horovod's own ``DistributedTrainer`` allreduces only the first context's
+    gradient, so with several contexts per process they drift apart
+    silently. This one adds up the local contexts' gradients first,
+    allreduces the sum, and copies it back to every context, so every
+    context of every process applies the same update. Like ``DistTrainer``,
+    ``step`` takes this worker's batch size.
+
+    Needs Horovod built with MXNet support (``pip install
+    parallel_exec[horovod]``; see the README).
+    """
+
+    def __init__(self, params: Any, optimizer: Any, optimizer_params: Optional[dict] = None, **kwargs: Any) -> None:
+        super().__init__(params, optimizer, optimizer_params, kvstore=None, **kwargs)
+        self._hvd = _import_horovod()
+        # step(n) divides by n * size: the summed gradient of all workers'
+        # samples, as one process would with the global batch.
+        self._scale /= self._hvd.size()
+
+    def _allreduce_grads(self) -> None:
+        for index, param in enumerate(self._params):
+            if param.grad_req == "null":
+                continue
+            grads = param.list_grad()
+            total = grads[0] if len(grads) == 1 else mx.nd.add_n(*(g.as_in_context(grads[0].context) for g in grads))
+            self._hvd.allreduce_(total, average=False, name=f"parallel_exec.grad.{index}", priority=-index)
+            for grad in grads:
+                if grad is not total:
+                    total.copyto(grad)
+
+
+def _import_horovod() -> Any:
+    try:
+        import horovod.mxnet as hvd
+    except ImportError as exc:
+        raise ImportError(
+            "kvstore 'horovod' needs Horovod built with MXNet support: HOROVOD_WITH_MXNET=1 pip install "
+            "--no-build-isolation horovod==0.28.1 (see the README, More than one machine)"
+        ) from exc
+    return hvd
+
+
+def _join_horovod() -> "Worker":
+    hvd = _import_horovod()
+    hvd.init()
+    return Worker("horovod", hvd.rank(), hvd.size())
+
+
+def _horovod_broadcast(keys: List[int], arrays: List[List["mx.nd.NDArray"]]) -> None:
+    """Rank 0's first-context values to every context of every process."""
+    hvd = _import_horovod()
+    for key, data in zip(keys, arrays):
+        hvd.broadcast_(data[0], root_rank=0, name=f"parallel_exec.broadcast.{key}")
+        for other in data[1:]:
+            data[0].copyto(other)
+
+
 class Worker:
     """This process's place in the job: its kvstore, rank and data share.
 
@@ -224,12 +287,12 @@ class Worker:
     between threads.
     """
 
-    def __init__(self, kvstore_type: str, kvstore: Optional["mx.kv.KVStore"]) -> None:
+    def __init__(self, kvstore_type: str, rank: int = 0, num_workers: int = 1, kvstore: Optional["mx.kv.KVStore"] = None):
         self.kvstore_type = kvstore_type
-        #: The distributed ``mx.kv.KVStore``, or None for a local type.
+        self.rank = rank
+        self.num_workers = num_workers
+        #: The ps-lite ``mx.kv.KVStore``; None for a local type and Horovod.
         self.kvstore = kvstore
-        self.rank = kvstore.rank if kvstore is not None else 0
-        self.num_workers = kvstore.num_workers if kvstore is not None else 1
         self._next_broadcast_key = _BROADCAST_KEY_BASE
 
     def __repr__(self) -> str:
@@ -289,17 +352,19 @@ class Worker:
         # Checked with a local type too, so a script that would fail under
         # the launcher fails on one machine already.
         arrays = [_initialized_data(param) for param in _parameter_list(params)]
-        if self.kvstore is None:
-            return
         keys = list(range(self._next_broadcast_key, self._next_broadcast_key + len(arrays)))
         self._next_broadcast_key += len(arrays)
-        # init stores rank 0's value on the servers (the others' are ignored,
-        # and every worker waits for it); pull copies it to every context.
-        self.kvstore.broadcast(keys, [data[0] for data in arrays], out=arrays)
+        if self.kvstore_type == "horovod":
+            _horovod_broadcast(keys, arrays)
+        elif self.kvstore is not None:
+            # init stores rank 0's value on the servers (the others' are
+            # ignored, and every worker waits for it); pull copies it to
+            # every context.
+            self.kvstore.broadcast(keys, [data[0] for data in arrays], out=arrays)
 
     def trainer(
         self, params: Any, optimizer: Any, optimizer_params: Optional[dict] = None, **kwargs: Any
-    ) -> DistTrainer:
+    ) -> mx.gluon.Trainer:
         """Broadcast rank 0's parameters, then build a trainer on this kvstore.
 
         Args:
@@ -308,7 +373,8 @@ class Worker:
             **kwargs: other ``gluon.Trainer`` arguments except ``kvstore``.
 
         Returns:
-            A ``DistTrainer``: ``step`` takes this worker's batch size.
+            A ``DistTrainer`` (``HorovodTrainer`` for Horovod): ``step``
+            takes this worker's batch size.
 
         Raises:
             TypeError: ``kvstore`` was passed.
@@ -317,6 +383,8 @@ class Worker:
         if "kvstore" in kwargs:
             raise TypeError("Worker.trainer uses the worker's kvstore; do not pass kvstore=")
         self.broadcast(params)
+        if self.kvstore_type == "horovod":
+            return HorovodTrainer(params, optimizer, optimizer_params, **kwargs)
         return DistTrainer(params, optimizer, optimizer_params, worker=self, **kwargs)
 
 
@@ -358,8 +426,9 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
     Args:
         kvstore: a distributed type (``dist_sync``, ``dist_device_sync``,
             ``dist_async``), which needs the ``DMLC_*`` environment of a
-            ps-lite worker (``python -m parallel_exec.launch`` sets it), or
-            a local type (``device``, ``local``) to run as the only worker.
+            ps-lite worker (``python -m parallel_exec.launch`` sets it);
+            ``horovod``, under ``horovodrun``; or a local type (``device``,
+            ``local``) to run as the only worker.
         fail_fast: with a distributed type, install ``install_fail_fast``.
 
     Returns:
@@ -368,17 +437,17 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
 
     Raises:
         ValueError: an unknown kvstore type.
+        ImportError: ``horovod`` without Horovod's MXNet support.
         RuntimeError: a distributed type without the ``DMLC_*``
             environment of a worker, or a second call with another type.
     """
     global _worker
     if kvstore in LOCAL_KVSTORE_TYPES:
-        return Worker(kvstore, None)
-    if kvstore not in DIST_KVSTORE_TYPES:
-        raise ValueError(
-            f"unknown kvstore type {kvstore!r}; expected one of {', '.join(LOCAL_KVSTORE_TYPES + DIST_KVSTORE_TYPES)}"
-        )
-    _check_worker_environment(kvstore, os.environ)
+        return Worker(kvstore)
+    if kvstore not in KVSTORE_TYPES:
+        raise ValueError(f"unknown kvstore type {kvstore!r}; expected one of {', '.join(KVSTORE_TYPES)}")
+    if kvstore != "horovod":
+        _check_worker_environment(kvstore, os.environ)
     with _worker_lock:
         if _worker is not None:
             if _worker.kvstore_type != kvstore:
@@ -386,9 +455,9 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
                     f"this process already joined as a {_worker.kvstore_type} worker; it cannot switch to {kvstore}"
                 )
             return _worker
+        _worker = _join_horovod() if kvstore == "horovod" else _join_ps_lite(kvstore)
         if fail_fast:
             install_fail_fast()
-        _worker = Worker(kvstore, mx.kv.create(kvstore))
         # Runs before mxnet's own exit hook (registered later, atexit is
         # LIFO). Checked with mxnet 1.9.1: a kvstore still referenced from
         # this module when modules are torn down is never freed, so ps-lite
@@ -396,6 +465,11 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
         atexit.register(_leave_job)
     LOGGER.info("joined the job as worker %d of %d (%s)", _worker.rank, _worker.num_workers, kvstore)
     return _worker
+
+
+def _join_ps_lite(kvstore_type: str) -> Worker:
+    kvstore = mx.kv.create(kvstore_type)
+    return Worker(kvstore_type, kvstore.rank, kvstore.num_workers, kvstore)
 
 
 def _leave_job() -> None:
@@ -422,6 +496,8 @@ def _check_worker_environment(kvstore: str, environ: "os._Environ[str] | Dict[st
 __all__ = [
     "DIST_KVSTORE_TYPES",
     "DistTrainer",
+    "HorovodTrainer",
+    "KVSTORE_TYPES",
     "LOCAL_KVSTORE_TYPES",
     "ROLES",
     "Worker",

@@ -7,12 +7,12 @@ reported, so a hang fails the test instead of leaving processes behind.
 The children's PIDs come from the launcher's ``started ... (pid N)`` lines.
 """
 
+import importlib
 import os
 import re
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import mxnet as mx
@@ -28,6 +28,17 @@ TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "dist_train_script.py"
 JOB_TIMEOUT = 120  # a deadlock guard: a job takes 5-20 s on a loaded 2-core machine
 STEPS = 10
+
+
+def _importable(module):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+HOROVOD = _importable("horovod.mxnet")
 
 
 def _started_pids(launcher_stderr):
@@ -89,14 +100,30 @@ def test_two_workers_train_like_one_process_on_all_their_contexts(tmp_path, kvst
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "job finished: every worker exited 0" in proc.stderr
     assert not _alive(pids)
-    ranks = [dict(np.load(tmp_path / f"params-rank{rank}.npz")) for rank in (0, 1)]
-    assert sorted(ranks[0]) == sorted(reference_params)
-    for name, expected in reference_params.items():
-        # Bitwise equal between workers: the servers hand both the same values.
-        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
-        np.testing.assert_allclose(ranks[0][name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_trained_like(reference_params, tmp_path)
     # Output is streamed, prefixed by who wrote it.
     assert re.search(r"^\[worker [01]\] rank [01] step 9 loss", proc.stdout, re.MULTILINE)
+
+
+def assert_trained_like(reference_params, out):
+    """Both workers saved the same parameters, those of the one-process run."""
+    ranks = [dict(np.load(out / f"params-rank{rank}.npz")) for rank in (0, 1)]
+    assert sorted(ranks[0]) == sorted(reference_params)
+    for name, expected in reference_params.items():
+        # Bitwise equal between workers: they apply the same summed gradient.
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+        np.testing.assert_allclose(ranks[0][name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.skipif(not HOROVOD, reason="needs Horovod built with MXNet support, the optional 'horovod' extra")
+def test_horovod_two_processes_train_like_one_process_on_all_their_contexts(tmp_path, reference_params):
+    # Horovod's own trainer would allreduce only each process's first context.
+    horovodrun = Path(sys.executable).with_name("horovodrun")
+    command = [horovodrun, "--gloo", "-np", 2, "-H", "localhost:2", sys.executable, SCRIPT]
+    command += ["--kvstore", "horovod", "--out", tmp_path, "--steps", STEPS]
+    proc = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=JOB_TIMEOUT, cwd=TESTS.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_trained_like(reference_params, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -176,8 +203,15 @@ def test_launcher_help_lists_its_options(capsys):
 
 
 def test_unknown_kvstore_type_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown kvstore type 'dist_foo'; expected one of device, local, dist_sync"):
+    with pytest.raises(ValueError, match=r"unknown kvstore type 'dist_foo'; expected one of device, local, dist_sync, .*horovod"):
         dist.init_worker("dist_foo")
+
+
+@pytest.mark.skipif(HOROVOD, reason="Horovod is installed here")
+def test_horovod_without_horovod_says_how_to_install_it():
+    with pytest.raises(ImportError, match=r"kvstore 'horovod' needs Horovod built with MXNet support.*README"):
+        dist.init_worker("horovod")
+    assert sys.excepthook is sys.__excepthook__  # nothing installed by a failed join
 
 
 def test_distributed_kvstore_outside_a_job_says_how_to_start_one(monkeypatch):
@@ -205,8 +239,8 @@ def test_local_kvstore_is_a_single_worker_that_changes_nothing():
 
 
 def _fake_worker(rank, num_workers, kvstore_type="dist_sync"):
-    """A Worker whose kvstore only answers rank and num_workers."""
-    return dist.Worker(kvstore_type, types.SimpleNamespace(rank=rank, num_workers=num_workers))
+    """A Worker without a kvstore: enough for shard."""
+    return dist.Worker(kvstore_type, rank, num_workers)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
