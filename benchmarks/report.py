@@ -248,7 +248,7 @@ def plot_overlap(training_results, out: str) -> List[str]:
             events = recording["events"]
             steps_ms = max(e["ts"] + e["dur"] for e in events) / 1e3
             ax.set_title(f"{variant}: {steps_ms:.1f} ms for the steps shown, forward_backward spans overlap "
-                         f"{training.mean_concurrency(events):.2f}x on average", fontsize=9)
+                         f"{recording['concurrency']:.2f}x on average", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
         axes[-1].set_xlabel("ms since the first step began")
         fig.legend(handles=[Patch(color=c, label=n) for n, c in COLORS.items()], loc="lower center", ncol=5, fontsize=8)

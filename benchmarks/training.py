@@ -297,7 +297,8 @@ def _record_sequential(variant: Variant, batches, steps: int) -> dict:
             replica.forward_backward(shard)
             events.append(_span(f"{context} (main thread)", "forward_backward", start, time.perf_counter_ns(), origin))
         _finish_step_traced(replica, events, origin)
-    return {"events": events, "tracks": ["caller"] + [f"{c} (main thread)" for c in replica.contexts]}
+    # One thread runs every span, so they never overlap: concurrency 1.0.
+    return {"events": events, "tracks": ["caller"] + [f"{c} (main thread)" for c in replica.contexts], "concurrency": 1.0}
 
 
 def _finish_step_traced(replica: _Replica, events: List[dict], origin: int) -> None:
@@ -318,7 +319,7 @@ def _record_executor(variant: Variant, batches, steps: int, workdir: str) -> dic
     # The timeline's clock starts when record_timeline creates it, microseconds
     # after this: close enough to line our caller spans up with its spans.
     origin = time.perf_counter_ns()
-    with variant.executor.record_timeline(path):
+    with variant.executor.record_timeline(path) as timeline:
         for i in range(steps):
             list(variant.executor.map(replica.fb, *zip(*batches[i % len(batches)])))
             _finish_step_traced(replica, events, origin)
@@ -337,19 +338,7 @@ def _record_executor(variant: Variant, batches, steps: int, workdir: str) -> dic
                 tracks.append(track)
             events.append({**e, "tid": track, "name": "forward_backward" if e["cat"] == "task" else e["name"]})
     tracks = tracks[:1] + sorted(tracks[1:])
-    return {"events": events, "tracks": tracks}
-
-
-def mean_concurrency(events: List[dict]) -> float:
-    """Average number of forward_backward spans running at once while any ran."""
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "forward_backward")
-    busy = covered = 0.0
-    for start, end in spans:
-        if end > covered:
-            busy += end - max(start, covered)
-            covered = end
-    total = sum(end - start for start, end in spans)
-    return total / busy if busy else 0.0
+    return {"events": events, "tracks": tracks, "concurrency": timeline.mean_concurrency()}
 
 
 def table(results: List[TrainingResult]) -> str:
