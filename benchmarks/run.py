@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size((2, 4), 3000, 15, (1, 2, 4), 11, 8, 3, 4, 200_000, 4, 30),
+    "full": Size((2, 4), 3000, 15, (1, 2, 4), 15, 8, 3, 4, 200_000, 4, 30),
     "quick": Size((2, 4), 1000, 7, (1, 2, 4), 5, 3, 2, 4, 200_000, 2, 10),
     # For the test suite only: every code path once, no figure worth reading.
     "smoke": Size((2,), 100, 2, (1, 2), 2, 1, 2, 2, 2_000, 2, 0),
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     name = args.size or "full"
     size = SIZES[name]
-    command = "python benchmarks/run.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     os.makedirs(args.out, exist_ok=True)
 
     env = harness.environment()
