@@ -14,13 +14,12 @@ is active the workers read one attribute per task and do nothing else.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 def task_name(fn: Callable[..., Any]) -> str:
@@ -31,10 +30,11 @@ def task_name(fn: Callable[..., Any]) -> str:
 
 
 class Timeline:
-    """Collects trace events; ``write`` saves them as a Chrome trace JSON file.
+    """Collects what ran when; ``write`` saves it as a Chrome trace JSON file.
 
-    Events are appended from worker threads and callers without a lock
-    (``list.append`` is atomic under the GIL).
+    Recording appends one tuple per task or wait, from worker threads and
+    callers, without a lock (``list.append`` is atomic under the GIL); the
+    trace events are built only by ``write``, off the dispatch path.
 
     Args:
         path: the file ``write`` creates.
@@ -44,37 +44,50 @@ class Timeline:
         self.path = os.fspath(path)
         self._origin_ns = time.perf_counter_ns()
         self._pid = os.getpid()
-        self._events: List[Dict[str, Any]] = []
+        # (thread id, name, submit_ns, start_ns, run_ns, end_ns, succeeded)
+        self._tasks: List[Tuple[int, str, int, int, int, int, bool]] = []
+        self._waits: List[Tuple[int, str, int, int]] = []  # (thread id, name, start_ns, end_ns)
         self._thread_names: Dict[int, str] = {}
-        self._ids = itertools.count(1)  # pairs async begin/end; next() is atomic
 
-    def _us(self, ns: int) -> float:
-        return max(0, ns - self._origin_ns) / 1e3
-
-    def _track(self, name: str) -> int:
+    def _thread_id(self, suffix: str = "") -> int:
         tid = threading.get_native_id()
-        self._thread_names.setdefault(tid, name)
+        if tid not in self._thread_names:
+            self._thread_names[tid] = threading.current_thread().name + suffix
         return tid
 
     def add_task(self, name: str, submit_ns: int, start_ns: int, run_ns: int, end_ns: int, succeeded: bool) -> None:
         """Record one task (called by the worker that ran it)."""
-        tid = self._track(threading.current_thread().name)
-        queued = {"cat": "queued", "name": f"queued {name}", "id": next(self._ids), "pid": self._pid, "tid": tid}
-        self._events.append({**queued, "ph": "b", "ts": self._us(submit_ns)})
-        self._events.append({**queued, "ph": "e", "ts": self._us(start_ns)})
-        if run_ns > start_ns:
-            self._events.append(self._span("gate", "serial-init gate", tid, start_ns, run_ns, {}))
-        args = {"ok": succeeded, "queued_us": (start_ns - submit_ns) / 1e3, "gate_us": (run_ns - start_ns) / 1e3}
-        self._events.append(self._span("task", name, tid, run_ns, end_ns, args))
+        self._tasks.append((self._thread_id(), name, submit_ns, start_ns, run_ns, end_ns, succeeded))
 
     def add_wait(self, name: str, start_ns: int, end_ns: int) -> None:
         """Record a caller's wait on a future (called by the waiting thread)."""
-        tid = self._track(f"{threading.current_thread().name} (caller)")
-        self._events.append(self._span("wait", f"wait {name}", tid, start_ns, end_ns, {}))
+        self._waits.append((self._thread_id(" (caller)"), name, start_ns, end_ns))
+
+    def _us(self, ns: int) -> float:
+        return max(0, ns - self._origin_ns) / 1e3
 
     def _span(self, cat: str, name: str, tid: int, start_ns: int, end_ns: int, args: Dict[str, Any]) -> Dict[str, Any]:
         start = self._us(start_ns)
         return {"ph": "X", "cat": cat, "name": name, "pid": self._pid, "tid": tid, "ts": start, "dur": max(0.0, self._us(end_ns) - start), "args": args}
+
+    def events(self) -> List[Dict[str, Any]]:
+        """The trace events recorded so far, thread-name metadata first."""
+        events = [
+            {"ph": "M", "name": "thread_name", "pid": self._pid, "tid": tid, "args": {"name": name}}
+            for tid, name in sorted(self._thread_names.items())
+        ]
+        events.append({"ph": "M", "name": "process_name", "pid": self._pid, "args": {"name": "parallel_exec"}})
+        for async_id, (tid, name, submit_ns, start_ns, run_ns, end_ns, succeeded) in enumerate(list(self._tasks), 1):
+            queued = {"cat": "queued", "name": f"queued {name}", "id": async_id, "pid": self._pid, "tid": tid}
+            events.append({**queued, "ph": "b", "ts": self._us(submit_ns)})
+            events.append({**queued, "ph": "e", "ts": self._us(start_ns)})
+            if run_ns > start_ns:
+                events.append(self._span("gate", "serial-init gate", tid, start_ns, run_ns, {}))
+            args = {"ok": succeeded, "queued_us": (start_ns - submit_ns) / 1e3, "gate_us": (run_ns - start_ns) / 1e3}
+            events.append(self._span("task", name, tid, run_ns, end_ns, args))
+        for tid, name, start_ns, end_ns in list(self._waits):
+            events.append(self._span("wait", f"wait {name}", tid, start_ns, end_ns, {}))
+        return events
 
     def mean_concurrency(self) -> float:
         """How many tasks ran at once, on average, while any task ran.
@@ -83,8 +96,8 @@ class Timeline:
         parallel it approaches N. 0.0 if no task was recorded. Answers "did
         my shards overlap?" without opening the trace.
         """
-        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in list(self._events) if e.get("cat") == "task")
-        busy = covered_until = 0.0
+        spans = sorted((task[4], task[5]) for task in list(self._tasks))
+        busy = covered_until = 0
         for start, end in spans:
             if end > covered_until:
                 busy += end - max(start, covered_until)
@@ -94,13 +107,8 @@ class Timeline:
 
     def write(self) -> None:
         """Write the events recorded so far to ``path``."""
-        meta = [
-            {"ph": "M", "name": "thread_name", "pid": self._pid, "tid": tid, "args": {"name": name}}
-            for tid, name in sorted(self._thread_names.items())
-        ]
-        meta.append({"ph": "M", "name": "process_name", "pid": self._pid, "args": {"name": "parallel_exec"}})
         with open(self.path, "w", encoding="utf-8") as file:
-            json.dump({"traceEvents": meta + list(self._events), "displayTimeUnit": "ms"}, file)
+            json.dump({"traceEvents": self.events(), "displayTimeUnit": "ms"}, file)
 
 
 class TracedFuture(Future):
