@@ -76,7 +76,11 @@ def test_gate_time_is_counted_for_tasks_held_by_a_first_task():
         a = ex.submit_to(mx.cpu(0), first_on_cpu0)
         assert inside.wait(TIMEOUT)
         b = ex.submit_to(mx.cpu(1), _ok)  # cpu(1)'s first task waits at the gate
-        time.sleep(0.02)  # lower bound for the gate time measured below
+        deadline = time.monotonic() + TIMEOUT
+        while not b.running():  # its worker has taken it: the gate wait starts now
+            assert time.monotonic() < deadline, "cpu(1)'s worker never took its first task"
+            time.sleep(0.001)
+        time.sleep(0.03)  # the gate time below is at least this, less a moment
         release.set()
         a.result(TIMEOUT)
         b.result(TIMEOUT)
