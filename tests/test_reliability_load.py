@@ -229,7 +229,7 @@ def test_load_with_faults_loses_nothing():
     run.active_submitters = 2
     arrays = {c: mx.nd.ones((4,), ctx=c) for c in CONTEXTS + [UNKNOWN]}
     before = set(threading.enumerate())
-    start = time.monotonic()
+    start, rss_at_start = time.monotonic(), rss_bytes()
     ex = pe.ContextExecutor(CONTEXTS)
     workers = [t for t in threading.enumerate() if t not in before]
     refused = [[], []]
@@ -284,8 +284,9 @@ def test_load_with_faults_loses_nothing():
     assert figures["returned (ndarray)"] and figures["returned (sleep)"]
     assert figures["cancelled by cancel()"] and figures["cancelled by shutdown"], (figures, seed)
     print(
-        f"load test figures: tasks={STRESS_TASKS} submitted={len(submitted)} futures checked={len(submitted)} "
-        f"wall={time.monotonic() - start:.1f}s peak RSS={rss_bytes('VmHWM') / 2**20:.0f} MiB {dict(figures)}"
+        f"load test figures: tasks={STRESS_TASKS} submitted={len(submitted)} "
+        f"futures checked={len(submitted) + len(run.park_futures)} wall={time.monotonic() - start:.1f}s "
+        f"RSS at start={rss_at_start / 2**20:.0f} MiB peak RSS={rss_bytes('VmHWM') / 2**20:.0f} MiB {dict(figures)}"
     )
 
 
