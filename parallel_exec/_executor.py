@@ -24,6 +24,7 @@ import functools
 import itertools
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -32,7 +33,7 @@ from . import _lifecycle
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._routing import find_first_ndarray, pick_least_loaded
-from ._state import capture_autograd
+from ._state import AutogradState, capture_autograd
 from ._stats import ExecutorStats, WorkerStats
 from ._timeline import Timeline, TracedFuture, task_name
 from ._worker import WorkItem, WorkerSlot, drain_queues, worker_loop
@@ -163,9 +164,9 @@ class ContextExecutor(Executor):
             BrokenContextExecutor: an initializer failed.
             TypeError: ``fn`` is not callable.
         """
-        ndarray = find_first_ndarray(args, kwargs)
-        candidates = self._slots_by_context.get(ndarray.context) if ndarray is not None else None
-        return self._enqueue(candidates, fn, args, kwargs)
+        item = self._new_item(fn, args, kwargs, capture_autograd())
+        self._enqueue([(self._candidates_for(args, kwargs), item)])
+        return item.future
 
     def submit_to(self, context: "mx.Context", fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker pinned to ``context``.
@@ -181,14 +182,51 @@ class ContextExecutor(Executor):
         candidates = self._slots_by_context.get(context)
         if candidates is None:
             raise ValueError(f"no worker is pinned to {context}; this executor's contexts are {list(self._contexts)}")
-        return self._enqueue(candidates, fn, args, kwargs)
+        item = self._new_item(fn, args, kwargs, capture_autograd())
+        self._enqueue([(candidates, item)])
+        return item.future
 
-    def _enqueue(self, candidates: Optional[List[WorkerSlot]], fn: Callable[..., Any], args: Any, kwargs: Any) -> Future:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Any, timeout: Optional[float] = None, chunksize: int = 1
+    ) -> Iterator[Any]:
+        """``Executor.map``: ``fn`` over the iterables, results in input order.
+
+        Each call is routed as ``submit`` routes it, so the shards of
+        ``split_and_load`` run on their own devices' workers. All calls are
+        queued at once, before the first result is waited for: with one
+        autograd capture and one lock acquisition, which is most of what
+        dispatching a shard costs.
+
+        Args:
+            fn: called as ``fn(*args)`` for each tuple of the zipped iterables.
+            timeout: seconds, from this call, to wait for all results.
+            chunksize: ignored, as by ``ThreadPoolExecutor``.
+
+        Returns:
+            An iterator of the results. It raises a call's exception when that
+            result is reached, ``TimeoutError`` past ``timeout``; closing it
+            early cancels the calls that have not started.
+        """
+        end_time = None if timeout is None else time.monotonic() + timeout
+        autograd = capture_autograd()
+        routed = [(self._candidates_for(args, {}), self._new_item(fn, args, {}, autograd)) for args in zip(*iterables)]
+        self._enqueue(routed)
+        return _results_in_order([item.future for _, item in routed], end_time)
+
+    def _candidates_for(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[List[WorkerSlot]]:
+        """The workers of the first NDArray's context; ``None`` for round-robin."""
+        ndarray = find_first_ndarray(args, kwargs)
+        return self._slots_by_context.get(ndarray.context) if ndarray is not None else None
+
+    def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, autograd: AutogradState) -> WorkItem:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         timeline = self._timeline
         future = Future() if timeline is None else TracedFuture(timeline, task_name(fn))
-        item = WorkItem(future, fn, args, kwargs, capture_autograd())
+        return WorkItem(future, fn, args, kwargs, autograd)
+
+    def _enqueue(self, routed: Sequence[Tuple[Optional[List[WorkerSlot]], WorkItem]]) -> None:
+        """Put each item on a worker of its candidates (``None``: any, in turn)."""
         with self._lock:
             if self._forked_away_from is not None:
                 raise RuntimeError(_forked_message(self._forked_away_from))
@@ -198,15 +236,15 @@ class ContextExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if candidates is None:
-                slot = next(self._round_robin)
-            elif len(candidates) == 1:
-                slot = candidates[0]
-            else:
-                slot = candidates[pick_least_loaded([s.load for s in candidates])]
-            slot.submitted += 1
-            slot.queue.put(item)
-        return item.future
+            for candidates, item in routed:
+                if candidates is None:
+                    slot = next(self._round_robin)
+                elif len(candidates) == 1:
+                    slot = candidates[0]
+                else:
+                    slot = candidates[pick_least_loaded([s.load for s in candidates])]
+                slot.submitted += 1
+                slot.queue.put(item)
 
     def stats(self) -> ExecutorStats:
         """Return a snapshot of every worker's statistics.
@@ -302,6 +340,30 @@ class ContextExecutor(Executor):
     def _refuse_new_work(self, reason: str) -> None:
         with self._lock:
             self._broken = reason
+
+
+def _results_in_order(futures: List[Future], end_time: Optional[float]) -> Iterator[Any]:
+    """Yield the futures' results in order, as ``Executor.map``'s iterator does.
+
+    Keeps no reference to a future or result once yielded, and cancels the
+    futures not reached when closed early or when a result raises.
+    """
+    futures.reverse()  # pop() from the end keeps input order
+    try:
+        while futures:
+            remaining = None if end_time is None else end_time - time.monotonic()
+            yield _result_or_cancel(futures.pop(), remaining)
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _result_or_cancel(future: Future, timeout: Optional[float]) -> Any:
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()  # no-op once done; stops a timed-out call that has not started
+        del future  # break the cycle through a raised exception's traceback
 
 
 def _forked_message(parent_pid: int) -> str:
