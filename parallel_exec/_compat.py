@@ -11,11 +11,12 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from ._executor import ContextExecutor
 from ._mxnet import mx
+
+Outcome = Tuple[bool, Any]  # (True, result) or (False, the exception raised)
 
 
 class Parallelizable:
@@ -72,8 +73,8 @@ class Parallel:
             raise TypeError(f"parallizable must have a callable forward_backward(x) method, got {parallizable!r}")
         self._parallizable = parallizable
         self._num_serial = num_workers if serial_init else 0
-        # Outcomes as done futures, in completion order (_call_and_report).
-        self._done: "queue.SimpleQueue[Future]" = queue.SimpleQueue()
+        # (succeeded, result or exception) per call, in completion order.
+        self._done: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()
         # Guards _pending and _closed. Lock order: after _serial_lock.
         self._lock = threading.Lock()
         # Guards _num_serial and serialises the serial-init calls (see put).
@@ -137,7 +138,13 @@ class Parallel:
             if self._pending == 0:
                 raise RuntimeError("get() called with no pending put(): it would block forever")
             self._pending -= 1
-        return self._done.get().result()
+        succeeded, outcome = self._done.get()
+        if succeeded:
+            return outcome
+        try:
+            raise outcome
+        finally:
+            del outcome  # break the cycle exception -> traceback -> this frame
 
     def close(self) -> None:
         """Stop the workers after the calls already put; idempotent."""
@@ -153,16 +160,14 @@ class Parallel:
         self.close()
 
 
-def _call_and_report(done: "queue.SimpleQueue[Future]", fn: Callable[[Any], Any], x: Any) -> None:
-    """Run ``fn(x)`` and put its outcome, as a done future, on ``done``.
+def _call_and_report(done: "queue.SimpleQueue[Outcome]", fn: Callable[[Any], Any], x: Any) -> None:
+    """Run ``fn(x)`` and put its outcome on ``done``.
 
     Reporting from inside the call (rather than from a done-callback added
     after ``submit``) keeps ``get()`` in exact completion order.
     """
-    future: Future = Future()
-    future.set_running_or_notify_cancel()
     try:
-        future.set_result(fn(x))
+        outcome: Outcome = (True, fn(x))
     except BaseException as exc:  # kept for the matching get()
-        future.set_exception(exc)
-    done.put(future)
+        outcome = (False, exc)
+    done.put(outcome)
