@@ -18,7 +18,7 @@ from typing import Callable, Dict, List
 import mxnet as mx
 
 import parallel_exec as pe
-from harness import Summary, ratios, run_rounds
+from harness import Summary, close_gluonnlp_parallel, ratios, run_rounds
 
 try:
     import gluonnlp.utils as gluonnlp_utils
@@ -43,11 +43,6 @@ class DispatchResult:
     tasks_per_measurement: int
     us_per_task: Dict[str, Summary]
     ratio: Dict[str, Summary]  # "a / b" -> summary of per-round ratios
-
-
-def _close_gluonnlp_parallel(parallel) -> None:
-    """gluonnlp's workers are non-daemon and stop only in ``__del__``."""
-    parallel.__del__()
 
 
 def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> DispatchResult:
@@ -126,7 +121,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         pool.shutdown()
         ours.close()
         if theirs is not None:
-            _close_gluonnlp_parallel(theirs)
+            close_gluonnlp_parallel(theirs)
         for name in os.listdir(trace_dir):
             os.remove(os.path.join(trace_dir, name))
         os.rmdir(trace_dir)

@@ -12,7 +12,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence
 
@@ -74,11 +73,9 @@ def ratios(results: Mapping[str, List[float]], name: str, reference: str) -> Lis
     return [a / b for a, b in zip(results[name], results[reference])]
 
 
-def timed(fn: Callable[[], None]) -> float:
-    """Wall-clock seconds that ``fn()`` takes."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def close_gluonnlp_parallel(parallel) -> None:
+    """Stop a ``gluonnlp.utils.Parallel``: its non-daemon workers stop only in ``__del__``."""
+    parallel.__del__()
 
 
 def _cpu_model() -> str:

@@ -122,12 +122,12 @@ def _child(variant: str, model: str, n: int, steps: int) -> None:
     contexts = [mx.cpu(i) for i in range(n)]
     with tempfile.TemporaryDirectory() as workdir:
         param_file = os.path.join(workdir, "initial.params")
-        training._save_initial_parameters(spec, param_file, seed=42)
-        batches = training._make_batches(spec, contexts, count=4, seed=7)
+        training.save_initial_parameters(spec, param_file, seed=42)
+        batches = training.make_batches(spec, contexts, count=4, seed=7)
         mx.nd.waitall()
         reset = _reset_peak()
         baseline = _status_kib("VmRSS") / 1024
-        runner = training.Variant(variant, training._Replica(spec, contexts, param_file))
+        runner = training.Variant(variant, training.Replica(spec, contexts, param_file))
         try:
             for i in range(steps):
                 runner.step(batches[i % len(batches)])

@@ -29,7 +29,7 @@ import numpy as np
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
-from harness import Summary, ratios, run_rounds
+from harness import Summary, close_gluonnlp_parallel, ratios, run_rounds
 
 try:
     import gluonnlp.utils as gluonnlp_utils
@@ -84,7 +84,7 @@ MODELS = {
 }
 
 
-class _Replica:
+class Replica:
     """One variant's own network, trainer and loss, on ``contexts``."""
 
     def __init__(self, spec: ModelSpec, contexts: Sequence[mx.Context], param_file: str) -> None:
@@ -116,17 +116,17 @@ class _Replica:
         return [d.asnumpy() for p in self.net.collect_params().values() for d in p.list_data()]
 
 
-class _GluonnlpShard(object):
+class _GluonnlpShard:
     """``gluonnlp.utils.Parallelizable``-style adapter around a replica."""
 
-    def __init__(self, replica: _Replica) -> None:
+    def __init__(self, replica: Replica) -> None:
         self.forward_backward = replica.forward_backward
 
 
 class Variant:
     """A way to drive the shards of one step; ``step(batch)`` runs one step."""
 
-    def __init__(self, name: str, replica: _Replica) -> None:
+    def __init__(self, name: str, replica: Replica) -> None:
         self.name = name
         self.replica = replica
         self.executor: Optional[pe.ContextExecutor] = None
@@ -159,7 +159,7 @@ class Variant:
         if self.executor is not None:
             self.executor.shutdown()
         if self.parallel is not None:
-            self.parallel.__del__()  # gluonnlp's non-daemon workers stop only here
+            close_gluonnlp_parallel(self.parallel)
 
 
 @dataclass
@@ -178,7 +178,8 @@ class TrainingResult:
     overlap: Optional[Dict[str, dict]] = field(default=None)
 
 
-def _make_batches(spec: ModelSpec, contexts: Sequence[mx.Context], count: int, seed: int) -> List[List[Tuple[mx.nd.NDArray, mx.nd.NDArray]]]:
+def make_batches(spec: ModelSpec, contexts: Sequence[mx.Context], count: int, seed: int) -> List[List[Tuple[mx.nd.NDArray, mx.nd.NDArray]]]:
+    """``count`` batches, each a list of ``(data, label)`` shards, one per context."""
     rng = np.random.RandomState(seed)
     batches = []
     for _ in range(count):
@@ -191,7 +192,8 @@ def _make_batches(spec: ModelSpec, contexts: Sequence[mx.Context], count: int, s
     return batches
 
 
-def _save_initial_parameters(spec: ModelSpec, path: str, seed: int) -> None:
+def save_initial_parameters(spec: ModelSpec, path: str, seed: int) -> None:
+    """Initialise ``spec``'s network from ``seed`` and save it: every variant starts from this file."""
     mx.random.seed(seed)
     net = spec.build()
     net.initialize(mx.init.Xavier(), ctx=mx.cpu(0))
@@ -214,12 +216,12 @@ def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progr
     contexts = [mx.cpu(i) for i in range(n)]
     workdir = tempfile.mkdtemp(prefix="bench_train_")
     param_file = os.path.join(workdir, "initial.params")
-    _save_initial_parameters(spec, param_file, seed=42)
-    batches = _make_batches(spec, contexts, count=4, seed=7)
+    save_initial_parameters(spec, param_file, seed=42)
+    batches = make_batches(spec, contexts, count=4, seed=7)
     names = [v for v in VARIANTS if v != GLUONNLP or gluonnlp_utils is not None]
-    variants = {name: Variant(name, _Replica(spec, contexts, param_file)) for name in names}
+    variants = {name: Variant(name, Replica(spec, contexts, param_file)) for name in names}
     if n > 1:
-        variants[REFERENCE] = Variant(REFERENCE, _Replica(spec, contexts[:1], param_file))
+        variants[REFERENCE] = Variant(REFERENCE, Replica(spec, contexts[:1], param_file))
     counters = {name: 0 for name in variants}
 
     def shards_for(name: str) -> List[Tuple[mx.nd.NDArray, mx.nd.NDArray]]:
@@ -301,7 +303,7 @@ def _record_sequential(variant: Variant, batches, steps: int) -> dict:
     return {"events": events, "tracks": ["caller"] + [f"{c} (main thread)" for c in replica.contexts], "concurrency": 1.0}
 
 
-def _finish_step_traced(replica: _Replica, events: List[dict], origin: int) -> None:
+def _finish_step_traced(replica: Replica, events: List[dict], origin: int) -> None:
     start = time.perf_counter_ns()
     replica.trainer.step(replica.batch_size)
     middle = time.perf_counter_ns()
