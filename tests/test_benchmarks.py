@@ -4,11 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-pytest.importorskip("gluonnlp")
-pytest.importorskip("matplotlib")
-pytest.importorskip("psutil")
 
 RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "run.py")
 
