@@ -18,12 +18,19 @@ from typing import Callable, Dict, List
 import mxnet as mx
 
 import parallel_exec as pe
+from floors import SharedQueue, ThreadPerContext
 from harness import Summary, close_gluonnlp_parallel, ratios, run_rounds
 
 try:
     import gluonnlp.utils as gluonnlp_utils
 except ImportError:  # the table then has no gluonnlp row
     gluonnlp_utils = None
+
+
+# Stripped-down executors (floors.py): what the designs cost before any feature.
+FLOOR_PINNED = "floor: a bare thread per context (queue + Future)"
+FLOOR_SHARED = "floor: one shared queue, no futures (gluonnlp's design)"
+VARIANTS = 11  # measurements per round, for the progress bar
 
 
 def noop(x):
@@ -54,6 +61,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
     pool = ThreadPoolExecutor(n)
     ours = pe.Parallel(n, _Noop())
     theirs = gluonnlp_utils.Parallel(n, _Noop()) if gluonnlp_utils is not None else None
+    floor_pinned, floor_shared = ThreadPerContext(n), SharedQueue(n)
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
 
     def submit_result(ex) -> Callable[[], float]:
@@ -109,6 +117,8 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         "ContextExecutor map": map_shards(executor),
         "ContextExecutor map, timeline on": recorded(map_shards(executor)),
         "pe.Parallel put/get": put_get(ours),
+        FLOOR_PINNED: map_shards(floor_pinned),
+        FLOOR_SHARED: map_shards(floor_shared),
     }
     if theirs is not None:
         variants["gluonnlp Parallel put/get"] = put_get(theirs)
@@ -120,6 +130,8 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         executor.shutdown()
         pool.shutdown()
         ours.close()
+        floor_pinned.close()
+        floor_shared.close()
         if theirs is not None:
             close_gluonnlp_parallel(theirs)
         for name in os.listdir(trace_dir):
@@ -133,6 +145,8 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         ("ContextExecutor map", "ThreadPoolExecutor map"),
         ("ContextExecutor submit+result, timeline on", "ContextExecutor submit+result"),
         ("ContextExecutor map, timeline on", "ContextExecutor map"),
+        (FLOOR_PINNED, "ThreadPoolExecutor map"),
+        ("ContextExecutor map", FLOOR_PINNED),
     ]
     if theirs is not None:
         pairs += [
@@ -145,6 +159,14 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         us_per_task={name: Summary.of(values) for name, values in per_task.items()},
         ratio={f"{a} / {b}": Summary.of(ratios(per_task, a, b)) for a, b in pairs},
     )
+
+
+def pieces_table(pieces: Dict[str, float]) -> str:
+    """Markdown table of ``floors.task_pieces``: what a task does besides the hand-off."""
+    lines = ["| piece of a ContextExecutor task, timed in one thread | us per call |", "|---|---:|"]
+    lines += [f"| {name} | {us:.2f} |" for name, us in pieces.items()]
+    lines.append(f"| sum | {sum(pieces.values()):.2f} |")
+    return "\n".join(lines)
 
 
 def table(results: List[DispatchResult]) -> str:

@@ -156,6 +156,10 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
             rows.append((f"dispatch map, N={r.n}: below gluonnlp Parallel", f"{ours:.1f} vs {theirs.median:.1f} us", ours < theirs.median))
             shim = r.us_per_task["pe.Parallel put/get"].median
             rows.append((f"pe.Parallel put/get, N={r.n}: below gluonnlp Parallel", f"{shim:.1f} vs {theirs.median:.1f} us", shim < theirs.median))
+        ratio = r.ratio[f"{dispatch.FLOOR_PINNED} / ThreadPoolExecutor map"].median
+        rows.append((f"a bare thread per context (the design's floor) / ThreadPoolExecutor map, N={r.n} (report only)", f"{ratio:.2f}x", None))
+        ratio = r.ratio[f"ContextExecutor map / {dispatch.FLOOR_PINNED}"].median
+        rows.append((f"ContextExecutor map / that floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
         for kind in ("submit+result", "map"):
             ratio = r.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
             rows.append((f"timeline recording on, {kind}, N={r.n} (report only)", f"{ratio:.2f}x the cost with it off", None))
@@ -262,7 +266,7 @@ def plot_overlap(training_results, out: str) -> List[str]:
 
 
 def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], timings: Dict[str, float],
-          dispatch_results, training_results, peaks, grown) -> List[str]:
+          dispatch_results, pieces, training_results, peaks, grown) -> List[str]:
     """Write RESULTS.md and the PNGs into ``out``; return the file names."""
     pngs = plot_scaling(training_results, out) + plot_overlap(training_results, out)
     overlap_pngs = [p for p in pngs if p.startswith("overlap_")]
@@ -294,6 +298,12 @@ def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], 
         "`map` and put/get hand out one NDArray shard per context, N at a time.",
         "",
         dispatch.table(dispatch_results),
+        "",
+        "The two `floor` rows are stripped-down executors (`benchmarks/floors.py`): the hand-off alone, with "
+        "none of `ContextExecutor`'s features. What a task does besides the hand-off, each piece timed alone "
+        "in one thread:",
+        "",
+        dispatch.pieces_table(pieces),
         "",
         "## 2. Training-step throughput",
         "",

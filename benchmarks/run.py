@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import dispatch  # noqa: E402
+import floors  # noqa: E402
 import harness  # noqa: E402
 import memory  # noqa: E402
 import report  # noqa: E402
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     print("\n".join(f"{k}: {v}" for k, v in env.items()), "\n", flush=True)
 
     total = (
-        len(size.dispatch_ns) * size.dispatch_rounds * 9
+        len(size.dispatch_ns) * size.dispatch_rounds * dispatch.VARIANTS
         + len(training.MODELS) * sum(size.training_rounds * (4 if n == 1 else 5) for n in size.training_ns)
         + (len(training.MODELS) * len(training.VARIANTS) if size.rss_steps else 0)
     )
@@ -83,8 +84,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     dispatch_results = [dispatch.measure(n, size.dispatch_tasks, size.dispatch_rounds, progress) for n in size.dispatch_ns]
+    pieces = floors.task_pieces()
     timings["dispatch"] = time.perf_counter() - t0
-    _emit(progress, "## 1. Dispatch overhead\n\n" + dispatch.table(dispatch_results))
+    _emit(progress, "## 1. Dispatch overhead\n\n" + dispatch.table(dispatch_results) + "\n\n" + dispatch.pieces_table(pieces))
 
     t0 = time.perf_counter()
     overlap_n = 2 if 2 in size.training_ns else max(size.training_ns)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     timings["total"] = time.perf_counter() - started
     files = report.write(
         args.out, command=command, size=name, note=args.note, env=env, timings=timings,
-        dispatch_results=dispatch_results, training_results=training_results, peaks=peaks, grown=grown,
+        dispatch_results=dispatch_results, pieces=pieces, training_results=training_results, peaks=peaks, grown=grown,
     )
     print("\n" + report.targets_table(dispatch_results, training_results, peaks, grown))
     print(f"\nwrote {', '.join(files)} in {timings['total']:.0f} s")

@@ -1,0 +1,127 @@
+"""Profile evidence for the dispatch figures: design floors and a task's pieces.
+
+Two stripped-down executors run beside the real ones in section 1, so the
+cost of *a thread per context* is told apart from the cost of what
+``ContextExecutor`` adds to it (routing, autograd flags, pinning, the gate,
+statistics, cancellation):
+
+- ``ThreadPerContext``: one thread and one ``SimpleQueue`` per context, a
+  ``Future`` per task and nothing else: the floor of this package's design.
+- ``SharedQueue``: threads sharing one input queue and one output queue, no
+  futures: the floor of gluonnlp's ``Parallel`` design, which cannot pin a
+  shard to its device.
+
+``task_pieces`` times, in one thread, each piece of work a ``ContextExecutor``
+task does besides the hand-off. It uses the package's private modules on
+purpose: it measures them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import timeit
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, List, Sequence
+
+import mxnet as mx
+
+from parallel_exec import _routing, _state
+
+
+class ThreadPerContext:
+    """One thread and queue per shard position; a Future per task."""
+
+    def __init__(self, n: int) -> None:
+        self._queues: List[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n)]
+        self._threads = [threading.Thread(target=self._serve, args=(q,), daemon=True) for q in self._queues]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _serve(work: queue.SimpleQueue) -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            future, fn, arg = item
+            if future.set_running_or_notify_cancel():
+                future.set_result(fn(arg))
+
+    def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
+        futures = []
+        for work, shard in zip(self._queues, shards):
+            future: Future = Future()
+            work.put((future, fn, shard))
+            futures.append(future)
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        for work in self._queues:
+            work.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+class SharedQueue:
+    """Threads taking tasks from one queue and putting results on another."""
+
+    def __init__(self, n: int) -> None:
+        self._in: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, daemon=True) for _ in range(n)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            item = self._in.get()
+            if item is None:
+                return
+            fn, arg = item
+            self._out.put(fn(arg))
+
+    def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
+        for shard in shards:
+            self._in.put((fn, shard))
+        return [self._out.get() for _ in shards]  # completion order, as put/get
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._in.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+def task_pieces(number: int = 20_000) -> Dict[str, float]:
+    """Microseconds of each piece of a ``ContextExecutor`` task, timed in one thread.
+
+    Returns:
+        piece -> microseconds per call (best of 5 repeats).
+    """
+    shard = mx.nd.zeros((1,), ctx=mx.cpu(1))
+    by_context = {mx.cpu(0): 0, mx.cpu(1): 1}
+    own = _state.AutogradState(False, False)
+    pinned = mx.Context(mx.cpu(1))
+
+    def future_life() -> None:
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        future.set_result(None)
+        future.result()
+        future.cancel()  # as map's iterator does
+
+    def pin() -> None:
+        with pinned:
+            pass
+
+    pieces: Dict[str, Callable[[], Any]] = {
+        "read the caller's autograd flags (2 MXNet C calls; once per map)": _state.capture_autograd,
+        "route: find the first NDArray and look up its context (1 C call)": lambda: by_context.get(
+            _routing.find_first_ndarray((shard,), {}).context
+        ),
+        "a Future's life: create, run, set, read, cancel": future_life,
+        "pin: enter and leave the worker's Context": pin,
+        "restore the worker's autograd flags (2 C calls)": lambda: _state.restore_autograd(own),
+    }
+    return {name: min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6 for name, fn in pieces.items()}
