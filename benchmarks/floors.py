@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import mxnet as mx
 
+import parallel_exec as pe
 from parallel_exec import _routing, _state
 
 
@@ -115,6 +116,15 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
         with pinned:
             pass
 
+    executor = pe.ContextExecutor([mx.cpu(1)])
+    slot = executor._slots[0]
+
+    def timeline_off() -> None:
+        # What a task pays for the timeline while none is recorded: submit
+        # and the worker each read one attribute (_executor, _worker).
+        if executor._timeline is not None or slot.timeline is not None:
+            raise AssertionError("no timeline is being recorded")
+
     pieces: Dict[str, Callable[[], Any]] = {
         "read the caller's autograd flags (2 MXNet C calls; once per map)": _state.capture_autograd,
         "route: find the first NDArray and look up its context (1 C call)": lambda: by_context.get(
@@ -123,5 +133,9 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
         "a Future's life: create, run, set, read, cancel": future_life,
         "pin: enter and leave the worker's Context": pin,
         "restore the worker's autograd flags (2 C calls)": lambda: _state.restore_autograd(own),
+        "timeline while none is recorded: two attribute reads": timeline_off,
     }
-    return {name: min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6 for name, fn in pieces.items()}
+    try:
+        return {name: min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6 for name, fn in pieces.items()}
+    finally:
+        executor.shutdown()

@@ -33,8 +33,9 @@ threads, so one woken thread may run several trivial tasks in a row;
 `ContextExecutor` pins each shard to its device's thread, so every shard wakes
 its own thread. Recording a timeline costs a few microseconds per task (a
 tuple appended; the trace events are built when the file is written): switch
-it on around the steps you want to look at. With recording off, the executor
-checks one attribute per task.
+it on around the steps you want to look at. With recording off, `submit` and
+the worker read one attribute each per task: the pieces table times that at
+hundredths of a microsecond, within noise of an executor without the feature.
 
 **Why the dispatch targets (at most 0.8x `ThreadPoolExecutor`, below
 gluonnlp's `Parallel`) are missed.** The two `floor` rows answer it. A bare
