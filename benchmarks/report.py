@@ -83,9 +83,13 @@ work to finish.
   can lose against the plain loop. The overlap picture shows it: with threads
   the shards' spans overlap, but each takes longer, because only one of them
   runs Python at any moment. The table under the pictures gives the figures:
-  at N=2 the executor's spans overlap but each takes about twice as long as
-  in the sequential loop, so the step gains nothing, and the few percent of
-  a hand-off per shard and the GIL switches are what it loses. `trainer.step`
+  at N=2 the executor's spans overlap, but each is longer than in the
+  sequential loop by more than the overlap makes up for. Two threads that
+  each push operators hand the GIL over at nearly every MXNet C call, and
+  every handover is a thread switch, so the same Python work costs more
+  wall time than on one thread. gluonnlp's `Parallel` loses the same way;
+  the dispatch cost (tens of microseconds a shard against milliseconds of
+  Python per shard) is not what is lost. `trainer.step`
   (a large share of this model's step) runs in the caller, alone, whichever
   way the shards were driven. That is why the "within 3% of the sequential
   loop" target is missed on this model: the executor cannot run Python in
@@ -101,8 +105,13 @@ work to finish.
   cores away from the Python thread(s) driving the step; the Python-heavy
   figures on a 2-core machine depend on this as much as on the GIL.
 - **Where threads do not help at all:** one context (N=1 has nothing to
-  overlap; the executor costs one hand-off per step), and more busy contexts
-  than cores (N=4 on a 2-core machine can only share the same 2 cores).
+  overlap), and more busy contexts than cores (N=4 on a 2-core machine can
+  only share the same 2 cores). At N=1 the executor costs one hand-off per
+  step, well under 1% of these steps, yet the Python-heavy model runs up to
+  ~10% slower than on the calling thread. That is the cost of a second
+  thread, not of the executor: a local experiment (N=1, the same step, 25
+  rounds in shuffled order) measured a plain `threading.Thread` fed by a
+  queue 9% slower than the calling thread, and `ContextExecutor.submit` 11%.
 
 **Memory.** Any thread that runs MXNet operators keeps about 5 MiB of
 MXNet's per-thread state (a thread that runs a single operator adds 4.9 MiB
