@@ -3,7 +3,9 @@
 Peak RSS is a high-water mark of the whole process, so each variant runs in
 a fresh child process (``python benchmarks/memory.py VARIANT MODEL N STEPS``)
 that reports its own ``ru_maxrss``. Growth is measured in this process: RSS
-sampled while one ``ContextExecutor`` runs many trivial tasks.
+sampled while one ``ContextExecutor`` runs many trivial tasks. What one more
+thread costs, idle and once it has run an MXNet operator, is measured in a
+fresh child too (``python benchmarks/memory.py --thread-rss``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class Growth:
     @property
     def growth_mib(self) -> float:
         return self.samples[-1][1] - self.samples[0][1]
+
+
+@dataclass
+class ThreadRss:
+    """RSS added by one more thread, in a fresh process after ``import mxnet``."""
+
+    idle_mib: float  # a thread that only waits
+    one_operator_mib: float  # a thread that has run one MXNet operator
 
 
 def _rss_mib() -> float:
@@ -88,6 +98,48 @@ def growth(tasks: int, n: int, samples: int = 20) -> Growth:
     return Growth(points[-1][0], points)
 
 
+def thread_rss() -> ThreadRss:
+    """Measure ``ThreadRss`` in a child process (this one has many threads already)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "memory.py"), "--thread-rss"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"thread RSS child failed:\n{out.stderr[-2000:]}")
+    return ThreadRss(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _thread_rss_child() -> None:
+    """Print, as JSON, the RSS one idle thread adds, then one that ran an operator."""
+    import threading
+
+    import mxnet as mx
+
+    x = mx.nd.ones((16,), ctx=mx.cpu(0))
+    (x + 1).wait_to_read()  # the main thread's own MXNet state exists before the baseline
+
+    def added_by(work: Callable[[], None]) -> float:
+        ready, done = threading.Event(), threading.Event()
+
+        def body() -> None:
+            work()
+            ready.set()
+            done.wait()
+
+        before = _status_kib("VmRSS")
+        thread = threading.Thread(target=body)
+        thread.start()
+        ready.wait()
+        after = _status_kib("VmRSS")
+        done.set()
+        thread.join()
+        return (after - before) / 1024
+
+    idle = added_by(lambda: None)
+    one_operator = added_by(lambda: (x + 1).wait_to_read())
+    print(json.dumps({"idle_mib": idle, "one_operator_mib": one_operator}))
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status", encoding="utf-8") as file:
         return int(re.search(rf"^{field}:\s+(\d+) kB", file.read(), re.M).group(1))
@@ -137,8 +189,13 @@ def _child(variant: str, model: str, n: int, steps: int) -> None:
     print(json.dumps({"peak_rss_mib": peak, "baseline_mib": baseline, "reset": reset}))
 
 
-def table(peaks: List[PeakRss], grown: Growth) -> str:
-    lines = []
+def table(peaks: List[PeakRss], grown: Growth, threads: ThreadRss) -> str:
+    lines = [
+        f"One more thread, in a fresh process after `import mxnet`: {threads.idle_mib:.1f} MiB of RSS while idle, "
+        f"{threads.one_operator_mib:.1f} MiB once it has run one MXNet operator (MXNet's per-thread state). "
+        "Every threaded variant below has N such threads.",
+        "",
+    ]
     for peak in peaks:
         base = peak.mib.get("sequential loop")
         lines += [
@@ -162,4 +219,7 @@ def table(peaks: List[PeakRss], grown: Growth) -> str:
 
 if __name__ == "__main__":
     sys.path.insert(0, HERE)
-    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if sys.argv[1:] == ["--thread-rss"]:
+        _thread_rss_child()
+    else:
+        _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -106,8 +106,9 @@ def main(argv=None) -> int:
     if size.rss_steps:
         peaks = [memory.peak_rss(model, size.rss_n, size.rss_steps, training.VARIANTS, progress) for model in training.MODELS]
     grown = memory.growth(size.growth_tasks, 2)
+    threads = memory.thread_rss()
     timings["memory"] = time.perf_counter() - t0
-    _emit(progress, "## 3. Memory\n\n" + memory.table(peaks, grown))
+    _emit(progress, "## 3. Memory\n\n" + memory.table(peaks, grown, threads))
     progress.close()
 
     env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     files = report.write(
         args.out, command=command, size=name, note=args.note, env=env, timings=timings,
         dispatch_results=dispatch_results, pieces=pieces, training_results=training_results, peaks=peaks, grown=grown,
+        threads=threads,
     )
     print("\n" + report.targets_table(dispatch_results, training_results, peaks, grown))
     print(f"\nwrote {', '.join(files)} in {timings['total']:.0f} s")
