@@ -78,26 +78,20 @@ work to finish.
   spend most of a step in Python, holding the GIL. Only one thread runs Python
   at a time, so threads cannot make that part faster. Worse, every MXNet C
   call (over a thousand per step here) releases the GIL and takes it back, so
-  several threads pushing small operators hand the GIL back and forth, and
-  each handoff costs a thread switch. That is where threads do not help and
-  can lose against the plain loop. The overlap picture shows it: with threads
-  the shards' spans overlap, but each takes longer, because only one of them
-  runs Python at any moment. The table under the pictures gives the figures:
-  at N=2 the executor's spans overlap, but each is longer than in the
-  sequential loop by more than the overlap makes up for. Two threads that
-  each push operators hand the GIL over at nearly every MXNet C call, and
-  every handover is a thread switch, so the same Python work costs more
-  wall time than on one thread. gluonnlp's `Parallel` loses the same way;
-  the dispatch cost (tens of microseconds a shard against milliseconds of
-  Python per shard) is not what is lost. `trainer.step`
-  (a large share of this model's step) runs in the caller, alone, whichever
-  way the shards were driven. That is why the "within 3% of the sequential
-  loop" target is missed on this model: the executor cannot run Python in
-  two threads at once, and running a shard on the calling thread instead
-  would break the promise that a task runs on its device's worker. If your
-  model is like this,
-  **hybridize it** (then a shard is one graph call and threads help), or keep
-  the sequential loop.
+  two threads that each push operators hand the GIL over at nearly every
+  call, and every handover is a thread switch: the same Python work costs
+  more wall time on two threads than on one. The overlap picture and the
+  table under it show it: at N=2 the executor's spans overlap, but each is
+  longer than in the sequential loop by more than the overlap makes up for.
+  gluonnlp's `Parallel` loses the same way, and the dispatch cost (tens of
+  microseconds a shard against milliseconds of Python) is not what is lost.
+  `trainer.step`, a large share of this model's step, runs in the caller,
+  alone, whichever way the shards were driven. That is why the "within 3% of
+  the sequential loop" target is missed on this model: no executor can run
+  Python on two threads at once, and running a shard on the calling thread
+  instead would break the promise that a task runs on its device's worker.
+  If your model is like this, **hybridize it** (then a shard is one graph
+  call and threads help), or keep the sequential loop.
 - **On CPU contexts, MXNet's own threads compete for the cores.** Every
   `mx.cpu(i)` has its own engine worker, and operators run on OpenMP threads
   that spin while they wait for more work (`OMP_WAIT_POLICY`, recorded in the
