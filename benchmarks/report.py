@@ -108,12 +108,12 @@ work to finish.
   queue 9% slower than the calling thread, and `ContextExecutor.submit` 11%.
 
 **Memory.** Any thread that runs MXNet operators keeps about 5 MiB of
-MXNet's per-thread state: the memory section measures an idle thread at a few
-KiB and the same thread, once it has run one operator, at about 5 MiB. So
+MXNet's per-thread state: the memory section measures an idle thread at tens
+of KiB and the same thread, once it has run one operator, at about 5 MiB. So
 every threaded variant, gluonnlp's `Parallel` included, peaks about N x 5 MiB
 above the sequential loop, and that is why the "peak RSS within 5% of the
 sequential loop" target is missed: on these small processes (about 200-400
-MiB) four threads' state is 6-10%. No executor can avoid it while it runs
+MiB) four threads' state is 5-9%. No executor can avoid it while it runs
 operators on N threads; on real models it is lost in the noise. Beyond that, peak
 RSS is the model, its gradients and MXNet's memory pool, whichever way the
 shards are driven. RSS stays flat over hundreds of thousands of tasks: work
