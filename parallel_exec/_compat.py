@@ -8,6 +8,7 @@ travels on a future and ``get()`` re-raises it.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import weakref
@@ -44,7 +45,8 @@ class Parallel:
     The workers are not pinned to the data's devices (the original's were
     not either): each is a ``ContextExecutor`` worker on ``mx.cpu(0)``, the
     default context of a fresh thread, and the data's own context decides
-    where the computation runs.
+    where the computation runs. Calls take the workers in turn, so ``N``
+    puts in a row run on ``N`` different workers.
 
     Thread-safety:
         ``put``, ``get`` and ``close`` may be called from any thread.
@@ -113,7 +115,11 @@ class Parallel:
                 _call_and_report(self._done, forward_backward, x)
                 return
         try:
-            self._executor.submit(_call_and_report, self._done, forward_backward, x)
+            # Bound in a partial, the data is not routed: calls take the workers
+            # in turn. Routing by the data's context would pick "the least busy"
+            # worker, and a worker's load drops only after its result is
+            # reported, so the next round of puts could pile onto one worker.
+            self._executor.submit(functools.partial(_call_and_report, self._done, forward_backward, x))
         except BaseException:
             # close() can run between the check above and this submit. Undo
             # the count, or a later get() would wait forever for this call.

@@ -8,6 +8,7 @@ that races ``close()``.
 
 import threading
 
+import mxnet as mx
 import pytest
 
 import parallel_exec as pe
@@ -30,13 +31,20 @@ class RaiseTogether(pe.Parallelizable):
         return value
 
 
-def test_every_worker_raising_at_once_round_after_round_never_hangs():
+# The data of a call: nothing, or an NDArray on the workers' own context
+# (mx.cpu(0)). Either way the calls must take the workers in turn: were they
+# routed by the data to "the least busy" worker, a worker whose result was
+# already taken but whose load had not yet dropped would be passed over, two
+# raising calls of a round would share a worker, and the barrier would break.
+@pytest.mark.parametrize("data", [None, "ndarray"])
+def test_every_worker_raising_at_once_round_after_round_never_hangs(data):
     kinds = [ValueError, KeyboardInterrupt, SystemExit, RuntimeError]
+    data = mx.nd.zeros((1,), ctx=mx.cpu(0)) if data == "ndarray" else None
     with pe.Parallel(NUM_WORKERS, RaiseTogether(), serial_init=False) as parallel:
         for round_ in range(25):
             raised = {kinds[(round_ + k) % len(kinds)](round_, k) for k in range(NUM_WORKERS)}
             for exc in raised:
-                parallel.put((None, exc))
+                parallel.put((data, exc))
             parallel.put((round_, None))
             outcomes = []
             for _ in range(NUM_WORKERS + 1):
