@@ -8,6 +8,7 @@ code so it is easy to review against the figures.
 from __future__ import annotations
 
 import os
+import statistics
 from typing import Dict, List
 
 import dispatch
@@ -267,23 +268,28 @@ COLORS = {"forward_backward": "tab:blue", "trainer.step": "tab:orange", "wait fo
 
 
 def overlap_profile_table(training_results) -> str:
-    """Where the recorded steps' time went, from the spans of the overlap pictures."""
+    """Where the recorded steps' time went: medians over the profile rounds."""
     lines = [
-        "| model | N | variant | ms for the steps shown | forward_backward spans, total ms | mean span ms "
-        "| spans running at once | trainer.step ms |",
+        f"| model | N | variant | ms per step | forward_backward ms per step | mean span ms "
+        "| spans running at once | trainer.step ms per step |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in training_results:
-        for variant, recording in (r.overlap or {}).items():
-            events = recording["events"]
-            spans = [e["dur"] / 1e3 for e in events if e["name"] == "forward_backward"]
-            step = sum(e["dur"] / 1e3 for e in events if e["name"] == "trainer.step")
-            total = max(e["ts"] + e["dur"] for e in events) / 1e3
-            lines.append(
-                f"| {r.model} | {r.n} | {variant} | {total:.1f} | {sum(spans):.1f} | {sum(spans) / len(spans):.2f} "
-                f"| {recording['concurrency']:.2f} | {step:.1f} |"
-            )
+        for variant, recordings in (r.overlap or {}).items():
+            rows = [_span_profile(recording) for recording in recordings]
+            cells = " | ".join(f"{statistics.median(column):.2f}" for column in zip(*rows))
+            lines.append(f"| {r.model} | {r.n} | {variant} | {cells} |")
     return "\n".join(lines)
+
+
+def _span_profile(recording: dict) -> tuple:
+    """(ms per step, forward_backward ms per step, mean span ms, concurrency, trainer.step ms per step)."""
+    events = recording["events"]
+    spans = [e["dur"] / 1e3 for e in events if e["name"] == "forward_backward"]
+    steps = sum(e["name"] == "trainer.step" for e in events)
+    step_ms = sum(e["dur"] / 1e3 for e in events if e["name"] == "trainer.step")
+    total = max(e["ts"] + e["dur"] for e in events) / 1e3
+    return total / steps, sum(spans) / steps, sum(spans) / len(spans), recording["concurrency"], step_ms / steps
 
 
 def plot_overlap(training_results, out: str) -> List[str]:
@@ -299,7 +305,8 @@ def plot_overlap(training_results, out: str) -> List[str]:
         if not r.overlap:
             continue
         fig, axes = plt.subplots(2, 1, figsize=(10, 4.8), sharex=True)
-        for ax, (variant, recording) in zip(axes, r.overlap.items()):
+        for ax, (variant, recordings) in zip(axes, r.overlap.items()):
+            recording = recordings[0]
             tracks = recording["tracks"]
             for event in recording["events"]:
                 row = tracks.index(event["tid"])
@@ -382,8 +389,9 @@ def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], 
         "",
         *[f"![{p}]({p})" for p in overlap_pngs],
         "",
-        "The same recorded steps in figures. Where threads make each span longer by as much as they overlap "
-        "spans, the step gains nothing: only one thread runs Python at a time.",
+        f"The span profile: the same recordings, {training.PROFILE_ROUNDS} of each variant taken alternately "
+        "(the pictures show the first), medians. Where threads make each span longer by as much as they "
+        "overlap spans, the step gains nothing: only one thread runs Python at a time.",
         "",
         overlap_profile_table(training_results),
         "",

@@ -42,6 +42,7 @@ MAP = "ContextExecutor.map"
 FUTURES = "ContextExecutor futures loop"
 REFERENCE = "sequential, 1 context"  # the single-context baseline every ratio to 1 context uses
 VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES)
+PROFILE_ROUNDS = 7  # recordings of a few steps per variant, for the span profile
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ class TrainingResult:
     vs_one_context: Dict[str, Summary]  # in-round ratio to the single-context sequential loop
     vs_best_peer: Dict[str, Summary]  # in-round ratio to the faster of the sequential loop and gluonnlp's Parallel
     agreement: Dict[str, Tuple[bool, float]]  # variant -> (allclose to sequential, max abs diff)
-    overlap: Optional[Dict[str, dict]] = field(default=None)
+    # variant -> one recording per profile round; the first is drawn.
+    overlap: Optional[Dict[str, List[dict]]] = field(default=None)
 
 
 def make_batches(spec: ModelSpec, contexts: Sequence[mx.Context], count: int, seed: int) -> List[List[Tuple[mx.nd.NDArray, mx.nd.NDArray]]]:
@@ -211,7 +213,8 @@ def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progr
         warmup: untimed steps per variant first (serial init, graph building).
         progress: called after every measurement.
         overlap_steps: if > 0, afterwards record that many steps of the
-            sequential loop and of ``ContextExecutor.map`` as timelines.
+            sequential loop and of ``ContextExecutor.map`` as timelines,
+            alternately, ``PROFILE_ROUNDS`` times each.
     """
     contexts = [mx.cpu(i) for i in range(n)]
     workdir = tempfile.mkdtemp(prefix="bench_train_")
@@ -254,10 +257,10 @@ def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progr
             agreement[name] = (close and all(np.isfinite(p).all() for p in params), max_diff)
         overlap = None
         if overlap_steps > 0:
-            overlap = {
-                SEQUENTIAL: _record_sequential(variants[SEQUENTIAL], batches, overlap_steps),
-                MAP: _record_executor(variants[MAP], batches, overlap_steps, workdir),
-            }
+            overlap = {SEQUENTIAL: [], MAP: []}
+            for _ in range(PROFILE_ROUNDS):  # interleaved, as the measurements are
+                overlap[SEQUENTIAL].append(_record_sequential(variants[SEQUENTIAL], batches, overlap_steps))
+                overlap[MAP].append(_record_executor(variants[MAP], batches, overlap_steps, workdir))
     finally:
         for variant in variants.values():
             variant.close()
