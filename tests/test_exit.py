@@ -16,13 +16,13 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from conftest import CPU2, TIMEOUT
+from conftest import CPU2, SCRIPT_PRELUDE, TIMEOUT
 
 
 def run_script(source: str) -> subprocess.CompletedProcess:
     """Run ``source`` in a fresh interpreter; fail on a non-zero exit."""
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source)],
+        [sys.executable, "-c", SCRIPT_PRELUDE + textwrap.dedent(source)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -101,23 +101,23 @@ def test_exit_without_shutdown_runs_queued_tasks_and_exits_0():
         import parallel_exec as pe
 
         ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)])
+        notice_exit()
         started = threading.Event()
 
         def parked():
             started.set()
-            # Still running when the main thread reaches the end.
-            threading.Event().wait(0.5)
-            print("parked task done", flush=True)
+            exiting.wait(30)  # still running when the interpreter starts to exit
+            say("parked task done")
 
         def queued(i):
             total = (mx.nd.ones((2,)) * i).sum().asscalar()  # the engine still works
-            print(f"queued task {i} done: {total}", flush=True)
+            say(f"queued task {i} done: {total}")
 
         ex.submit_to(mx.cpu(0), parked)
         assert started.wait(30)
         for i in range(4):
             ex.submit_to(mx.cpu(i % 2), queued, i)
-        print("main thread ends", flush=True)
+        say("main thread ends")
         """
     )
     lines = result.stdout.splitlines()

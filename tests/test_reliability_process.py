@@ -23,33 +23,13 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
-from conftest import CPU2, TIMEOUT
-
-# Prepended to every script: ``say`` writes a line in one call, so lines
-# from several threads never interleave. ``notice_exit()``, called after
-# importing parallel_exec, sets ``exiting`` from an atexit hook that runs
-# before parallel_exec's (last in, first out): a task waiting on it is
-# certainly still running when the interpreter starts to exit.
-PRELUDE = """
-import atexit
-import sys
-import threading
-
-exiting = threading.Event()
-
-def say(line):
-    sys.stdout.write(line + "\\n")
-    sys.stdout.flush()
-
-def notice_exit():
-    atexit.register(exiting.set)
-"""
+from conftest import CPU2, SCRIPT_PRELUDE, TIMEOUT
 
 
 def run_script(source: str) -> subprocess.CompletedProcess:
     """Run ``source`` in a fresh interpreter, bounded by a timeout."""
     return subprocess.run(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(source)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", SCRIPT_PRELUDE + textwrap.dedent(source)], capture_output=True, text=True, timeout=60
     )
 
 
