@@ -270,7 +270,7 @@ COLORS = {"forward_backward": "tab:blue", "trainer.step": "tab:orange", "wait fo
 def overlap_profile_table(training_results) -> str:
     """Where the recorded steps' time went: medians over the profile rounds."""
     lines = [
-        f"| model | N | variant | ms per step | forward_backward ms per step | mean span ms "
+        "| model | N | variant | ms per step | forward_backward ms per step | mean span ms "
         "| spans running at once | trainer.step ms per step |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
