@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from . import _lifecycle
 from ._gate import SerialInitGate
 from ._mxnet import mx
-from ._routing import find_first_ndarray, pick_least_loaded
+from ._routing import UnknownContextWarner, find_first_ndarray, pick_least_loaded
 from ._state import AutogradState, capture_autograd
 from ._stats import ExecutorStats, WorkerStats
 from ._timeline import Timeline, TracedFuture, task_name
@@ -54,10 +54,26 @@ def _check_contexts(contexts: Any) -> Tuple["mx.Context", ...]:
     except TypeError:
         raise TypeError(f"contexts must be a sequence of mx.Context, got {type(contexts).__name__}: {contexts!r}") from None
     if not result:
-        raise ValueError("contexts is empty: give at least one mx.Context, e.g. [mx.cpu(0)]")
+        raise ValueError(
+            "contexts is empty: give at least one mx.Context, e.g. [mx.cpu(0)]; a list built from "
+            "mx.context.num_gpus() is empty where MXNet sees no GPU"
+        )
     for i, context in enumerate(result):
         if not isinstance(context, mx.Context):
             raise TypeError(f"contexts[{i}] is not an mx.Context: {context!r}")
+    gpus = [(i, c) for i, c in enumerate(result) if c.device_type == "gpu"]
+    if gpus:
+        # Caught here rather than at the first task, where a CPU-only build
+        # says only "Operator ... is not implemented for GPU".
+        visible = mx.context.num_gpus()
+        for i, context in gpus:
+            if context.device_id >= visible:
+                seen = "no GPU" if visible == 0 else f"only {visible} GPU(s), gpu(0) to gpu({visible - 1})"
+                raise ValueError(
+                    f"contexts[{i}] is {context}, but MXNet sees {seen} (a CPU-only mxnet build, no CUDA "
+                    "driver, or CUDA_VISIBLE_DEVICES hides it); use CPU contexts such as "
+                    "[mx.cpu(0), mx.cpu(1)], or install the mxnet build for your CUDA (e.g. mxnet-cu112)"
+                )
     return result
 
 
@@ -94,7 +110,8 @@ class ContextExecutor(Executor):
     Raises:
         TypeError: ``contexts`` is not a sequence of ``mx.Context``, or
             ``initializer`` is not callable.
-        ValueError: ``contexts`` is empty.
+        ValueError: ``contexts`` is empty, or names a GPU that MXNet does
+            not see (``mx.context.num_gpus()``).
     """
 
     _counter = itertools.count().__next__
@@ -120,6 +137,7 @@ class ContextExecutor(Executor):
         for slot in self._slots:
             self._slots_by_context.setdefault(slot.context, []).append(slot)
         self._round_robin = itertools.cycle(self._slots)
+        self._unknown_context_warner = UnknownContextWarner(self._contexts)
         # Guards _shutdown, _broken, the routing state (_round_robin, the
         # slots' ``submitted``) and putting items on the queues, so that no
         # item lands behind a worker's exit sentinel. Lock order: after
@@ -154,7 +172,8 @@ class ContextExecutor(Executor):
         The first NDArray in the arguments (depth-first, positional before
         keyword, inside lists, tuples and dict values) picks the context; the
         least busy of its workers runs the call. Without one, or with an
-        NDArray on a context no worker has, workers take turns.
+        NDArray on a context no worker has, workers take turns; the latter is
+        logged as a warning once per context.
 
         Returns:
             A ``Future`` for the call's result.
@@ -216,7 +235,13 @@ class ContextExecutor(Executor):
     def _candidates_for(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[List[WorkerSlot]]:
         """The workers of the first NDArray's context; ``None`` for round-robin."""
         ndarray = find_first_ndarray(args, kwargs)
-        return self._slots_by_context.get(ndarray.context) if ndarray is not None else None
+        if ndarray is None:
+            return None
+        context = ndarray.context
+        candidates = self._slots_by_context.get(context)
+        if candidates is None:
+            self._unknown_context_warner.warn_once(context)
+        return candidates
 
     def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, autograd: AutogradState) -> WorkItem:
         if not callable(fn):

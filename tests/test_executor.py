@@ -32,7 +32,7 @@ def where():
 @pytest.mark.parametrize(
     "contexts, error, words",
     [
-        pytest.param([], ValueError, ["empty"], id="empty-list"),
+        pytest.param([], ValueError, ["empty", "num_gpus"], id="empty-list"),
         pytest.param((), ValueError, ["empty"], id="empty-tuple"),
         pytest.param([mx.cpu(0), "gpu(1)"], TypeError, ["contexts[1]", "'gpu(1)'"], id="string-element"),
         pytest.param([mx.cpu(0), mx.cpu(1), None], TypeError, ["contexts[2]", "None"], id="none-element"),
@@ -47,6 +47,27 @@ def test_bad_contexts_fail_with_a_message_naming_the_problem(contexts, error, wo
         pe.ContextExecutor(contexts)
     for word in words:
         assert word in str(info.value)
+
+
+def test_a_gpu_mxnet_cannot_see_is_refused_at_construction():
+    # One past the last visible GPU: gpu(0) on a CPU-only build, as README's
+    # GPU snippet gives it, which would otherwise fail only at the first task.
+    missing = mx.gpu(mx.context.num_gpus())
+    before = threading.active_count()
+    with pytest.raises(ValueError) as info:
+        pe.ContextExecutor([mx.cpu(0), missing])
+    message = str(info.value)
+    assert f"contexts[1] is {missing}" in message and "MXNet sees" in message and "mx.cpu(0)" in message
+    assert threading.active_count() == before  # no worker started
+
+
+def test_visible_gpus_are_accepted(monkeypatch):
+    # Pretend MXNet sees two GPUs: gpu(0) and gpu(1) pass, gpu(2) does not.
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 2)
+    ex = pe.ContextExecutor([mx.gpu(0), mx.gpu(1)])  # no task: nothing runs on them
+    ex.shutdown(wait=True)
+    with pytest.raises(ValueError, match=r"gpu\(2\), but MXNet sees only 2 GPU\(s\)"):
+        pe.ContextExecutor([mx.gpu(2)])
 
 
 def test_non_callable_initializer_is_a_type_error():

@@ -8,6 +8,7 @@ where the worker a task landed on is read from inside the task with
 
 import collections
 import itertools
+import logging
 import threading
 
 import hypothesis.strategies as st
@@ -305,3 +306,19 @@ def test_falls_back_to_round_robin(make_args):
         ex.shutdown(wait=True)
     assert len(set(names[:3])) == 3  # every worker takes a turn...
     assert names[3:6] == names[:3] and names[6:] == names[:3]  # ...in a fixed cycle
+
+
+def test_an_ndarray_on_a_context_without_worker_is_logged_once_per_context_and_executor(caplog):
+    caplog.set_level(logging.WARNING, logger="parallel_exec")
+    on_cpu3, on_cpu4 = mx.nd.ones((1,), ctx=mx.cpu(3)), mx.nd.ones((1,), ctx=mx.cpu(4))
+    for _ in range(2):  # a second executor warns again, for itself
+        with pe.ContextExecutor(CPU2) as ex:
+            for _ in range(3):
+                assert submit_and_locate(ex, on_cpu3) in CPU2  # still runs, round-robin
+            list(ex.map(lambda x: x, [on_cpu3, on_cpu4, on_cpu4], timeout=TIMEOUT))
+            submit_and_locate(ex, mx.nd.ones((1,), ctx=mx.cpu(1)))  # known: no warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 4, warnings
+    assert [("cpu(3)" in w, "cpu(4)" in w) for w in warnings] == [(True, False), (False, True)] * 2
+    assert all("[cpu(0), cpu(1)]" in w for w in warnings)  # the executor's contexts
+
