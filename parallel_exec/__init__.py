@@ -8,6 +8,7 @@ from ._compat import Parallel, Parallelizable
 from ._executor import BrokenContextExecutor, ContextExecutor
 from ._state import current_context
 from ._stats import ExecutorStats, WorkerStats
+from ._timeline import Timeline
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "ExecutorStats",
     "Parallel",
     "Parallelizable",
+    "Timeline",
     "WorkerStats",
     "current_context",
 ]

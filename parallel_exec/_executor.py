@@ -295,10 +295,17 @@ class ContextExecutor(Executor):
         per task (plus its serial-init gate wait and its queued time), and a
         track per submitting thread with its waits in ``Future.result()``
         (``map`` waits that way). The tasks recorded are those that finish
-        inside the block. One recording at a time per executor.
+        inside the block, whenever they were submitted: a task submitted
+        inside and waited for after the block is not in the trace (a warning
+        is logged if that leaves the trace without any task). One recording
+        at a time per executor.
 
         Args:
             path: where to write the trace.
+
+        Yields:
+            The ``Timeline`` being recorded (``mean_concurrency()``,
+            ``events()``).
 
         Raises:
             RuntimeError: a recording is already active on this executor.
@@ -317,7 +324,7 @@ class ContextExecutor(Executor):
                 self._timeline = None
             for slot in self._slots:
                 slot.timeline = None
-            timeline.write()
+            timeline._finish()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; workers exit once their queue is done.

@@ -9,17 +9,23 @@ on a future's ``result()``.
 
 Only ``ContextExecutor.record_timeline`` creates a ``Timeline``. While none
 is active the workers read one attribute per task and do nothing else.
+
+A task is recorded by the worker when it finishes, so a recording holds the
+tasks that finish while it is active, whenever they were submitted.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+LOGGER = logging.getLogger("parallel_exec")
 
 
 def task_name(fn: Callable[..., Any]) -> str:
@@ -30,20 +36,31 @@ def task_name(fn: Callable[..., Any]) -> str:
 
 
 class Timeline:
-    """Collects what ran when; ``write`` saves it as a Chrome trace JSON file.
+    """A recording of what ran where, as ``ContextExecutor.record_timeline`` yields it.
 
-    Recording appends one tuple per task or wait, from worker threads and
-    callers, without a lock (``list.append`` is atomic under the GIL); the
-    trace events are built only by ``write``, off the dispatch path.
+    It holds the tasks that finished while the recording was active (those
+    still running when the ``with`` block ends are not in it: wait for their
+    results inside the block, as ``ex.map`` does) and the callers' waits in
+    ``Future.result()``. Users read it; the executor fills it and writes it
+    to ``path`` when the block ends. Not constructed directly.
 
-    Args:
-        path: the file ``write`` creates.
+    Attributes:
+        path: the trace file, as a string.
+
+    Thread-safety:
+        Workers and callers record without a lock (``list.append`` is atomic
+        under the GIL); the trace events are built only when read or
+        written, off the dispatch path. Reading it while tasks run gives
+        the tasks recorded so far.
     """
 
     def __init__(self, path: "os.PathLike[str] | str") -> None:
         self.path = os.fspath(path)
         self._origin_ns = time.perf_counter_ns()
         self._pid = os.getpid()
+        # Tasks submitted while recording (counted by TracedFuture), to tell
+        # an empty recording that missed them from one with nothing to record.
+        self._submitted = 0
         # (thread id, name, submit_ns, start_ns, run_ns, end_ns, succeeded)
         self._tasks: List[Tuple[int, str, int, int, int, int, bool]] = []
         self._waits: List[Tuple[int, str, int, int]] = []  # (thread id, name, start_ns, end_ns)
@@ -106,9 +123,19 @@ class Timeline:
         return total / busy if busy > 0 else 0.0
 
     def write(self) -> None:
-        """Write the events recorded so far to ``path``."""
+        """Write the events recorded so far to ``path`` (Chrome trace-event JSON)."""
         with open(self.path, "w", encoding="utf-8") as file:
             json.dump({"traceEvents": self.events(), "displayTimeUnit": "ms"}, file)
+
+    def _finish(self) -> None:
+        """Write the file at the end of the block; warn if it missed every task."""
+        self.write()
+        if self._submitted and not self._tasks:
+            LOGGER.warning(
+                "record_timeline(%r): %d task(s) were submitted inside the block but none finished inside it, "
+                "so the trace has no task; wait for their results (future.result(), ex.map) inside the block.",
+                self.path, self._submitted,
+            )
 
 
 class TracedFuture(Future):
@@ -118,6 +145,8 @@ class TracedFuture(Future):
         super().__init__()
         self._timeline = timeline
         self._task_name = name
+        # Unlocked: a lost increment under a race cannot make a non-zero count zero.
+        timeline._submitted += 1
 
     def result(self, timeout: Optional[float] = None) -> Any:
         if self.done():

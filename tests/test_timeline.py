@@ -2,6 +2,8 @@
 
 import concurrent.futures
 import json
+import logging
+import os
 import threading
 import time
 
@@ -110,3 +112,49 @@ def test_mean_concurrency_tells_whether_tasks_overlapped(tmp_path):
     assert together.mean_concurrency() > 1.2
     assert apart.mean_concurrency() == pytest.approx(1.0)
     assert empty.mean_concurrency() == 0.0
+
+
+def test_the_timeline_is_a_public_type():
+    assert "Timeline" in pe.__all__
+    with pe.ContextExecutor([mx.cpu(0)]) as ex:
+        with ex.record_timeline(os.devnull) as timeline:
+            pass
+    assert type(timeline) is pe.Timeline
+
+
+def test_records_the_tasks_that_finish_inside_the_block(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="parallel_exec")
+    release = threading.Event()
+
+    def parked(tag):
+        release.wait(TIMEOUT)
+        return tag
+
+    with pe.ContextExecutor([mx.cpu(0)]) as ex:
+        before = ex.submit(parked, "before")  # submitted before the block...
+        with ex.record_timeline(tmp_path / "trace.json") as timeline:
+            release.set()
+            assert before.result(TIMEOUT) == "before"  # ...finishes inside it: recorded
+            inside = ex.submit(time.sleep, 0)
+            inside.result(TIMEOUT)
+    names = [e["name"].rsplit(".", 1)[-1] for e in timeline.events() if e.get("cat") == "task"]
+    assert names == ["parked", "sleep"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_warns_when_tasks_submitted_inside_finish_after_the_block(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="parallel_exec")
+    release = threading.Event()
+    path = tmp_path / "trace.json"
+    with pe.ContextExecutor(CPU2) as ex:
+        with ex.record_timeline(path) as timeline:
+            futures = [ex.submit(release.wait, TIMEOUT) for _ in range(3)]
+        release.set()  # the results are read only after the block
+        assert all(f.result(TIMEOUT) for f in futures)
+        with ex.record_timeline(tmp_path / "nothing.json"):
+            pass  # nothing submitted: an empty trace is no surprise, no warning
+    assert not [e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "task"]
+    assert timeline.mean_concurrency() == 0.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(path) in warnings[0] and "3 task(s) were submitted inside the block" in warnings[0]
