@@ -1,5 +1,6 @@
 import mxnet as mx
 from mxnet import autograd, gluon
+
 import parallel_exec as pe
 
 contexts = [mx.cpu(0), mx.cpu(1)]  # on a GPU machine: [mx.gpu(0), mx.gpu(1)]

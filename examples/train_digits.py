@@ -140,7 +140,8 @@ def parse_args(argv=None):
         "of a job started by python -m parallel_exec.launch (dist_*) or horovodrun (default: %(default)s)",
     )
     add("--epochs", type=positive(int), default=12, help="passes over the training set (default: %(default)s)")
-    add("--batch-size", type=positive(int), default=64, help="samples per batch, all devices of all workers (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=64,
+        help="samples per batch, all devices of all workers (default: %(default)s)")
     add("--lr", type=positive(float), default=0.002, help="Adam learning rate (default: %(default)s)")
     add("--test-size", type=float, default=0.2, help="fraction of images held out (default: %(default)s)")
     add("--seed", type=int, default=0, help="seeds parameters, split, batch order (default: %(default)s)")

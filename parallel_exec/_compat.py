@@ -86,7 +86,9 @@ class Parallel:
         self._executor: Optional[ContextExecutor] = None
         if num_workers > 0:
             # The shim does its serial init inline, so the executor needs no gate.
-            self._executor = ContextExecutor([mx.cpu(0)] * num_workers, serial_init=False, thread_name_prefix="Parallel")
+            self._executor = ContextExecutor(
+                [mx.cpu(0)] * num_workers, serial_init=False, thread_name_prefix="Parallel"
+            )
             weakref.finalize(self, self._executor.shutdown, wait=False)
 
     def put(self, x: Any) -> None:

@@ -36,7 +36,7 @@ from ._routing import UnknownContextWarner, find_first_ndarray, pick_least_loade
 from ._state import AutogradState, capture_autograd
 from ._stats import ExecutorStats, WorkerStats
 from ._timeline import Timeline, TracedFuture, task_name
-from ._worker import WorkItem, WorkerSlot, drain_queues, worker_loop
+from ._worker import WorkerSlot, WorkItem, drain_queues, worker_loop
 
 
 class BrokenContextExecutor(BrokenExecutor):
@@ -52,7 +52,8 @@ def _check_contexts(contexts: Any) -> Tuple["mx.Context", ...]:
     try:
         result = tuple(contexts)
     except TypeError:
-        raise TypeError(f"contexts must be a sequence of mx.Context, got {type(contexts).__name__}: {contexts!r}") from None
+        got = f"{type(contexts).__name__}: {contexts!r}"
+        raise TypeError(f"contexts must be a sequence of mx.Context, got {got}") from None
     if not result:
         raise ValueError(
             "contexts is empty: give at least one mx.Context, e.g. [mx.cpu(0)]; a list built from "
@@ -352,7 +353,7 @@ class ContextExecutor(Executor):
         if wait:
             current = threading.current_thread()
             for slot in self._slots:
-                if slot.thread is not current:
+                if slot.thread is not None and slot.thread is not current:
                     slot.thread.join()
 
     def _disable_after_fork(self) -> None:

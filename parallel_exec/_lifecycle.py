@@ -37,7 +37,8 @@ def track(executor: Any, slots: Iterable[WorkerSlot]) -> None:
     with _global_lock:
         _live_executors.add(executor)
         for slot in slots:
-            _all_workers[slot.thread] = slot
+            if slot.thread is not None:  # None only before the thread exists
+                _all_workers[slot.thread] = slot
 
 
 def wake_workers_to_exit(slots: Sequence[WorkerSlot]) -> None:

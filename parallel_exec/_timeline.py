@@ -85,7 +85,9 @@ class Timeline:
 
     def _span(self, cat: str, name: str, tid: int, start_ns: int, end_ns: int, args: Dict[str, Any]) -> Dict[str, Any]:
         start = self._us(start_ns)
-        return {"ph": "X", "cat": cat, "name": name, "pid": self._pid, "tid": tid, "ts": start, "dur": max(0.0, self._us(end_ns) - start), "args": args}
+        duration = max(0.0, self._us(end_ns) - start)
+        return {"ph": "X", "cat": cat, "name": name, "pid": self._pid, "tid": tid, "ts": start, "dur": duration,
+                "args": args}
 
     def events(self) -> List[Dict[str, Any]]:
         """The trace events recorded so far, thread-name metadata first."""

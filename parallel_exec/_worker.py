@@ -72,7 +72,7 @@ class WorkItem:
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             self.future.set_exception(exc)
             # Break the cycle exception -> traceback -> frame -> self.
-            self = None  # noqa: PLW0642
+            del self
         else:
             slot.initialized = True
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=True)

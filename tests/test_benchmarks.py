@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-
 RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "run.py")
 
 
@@ -31,6 +30,7 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
     results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
     assert "python benchmarks/run.py --smoke" in results
     assert "## Targets" in results and "## What the numbers mean for you" in results
-    for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png", "overlap_python_heavy.png", "overlap_compute_heavy.png"):
+    for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png",
+                "overlap_python_heavy.png", "overlap_compute_heavy.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"]({png})" in results

@@ -15,6 +15,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+
 from conftest import CPU2, TIMEOUT
 
 # Bounded wait for a call that must NOT start (it would overlap a first

@@ -19,8 +19,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-import dist_train_script
 from parallel_exec import dist, launch
+
+import dist_train_script
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 
@@ -125,7 +126,9 @@ def test_horovod_two_processes_train_like_one_process_on_all_their_contexts(tmp_
     horovodrun = Path(sys.executable).with_name("horovodrun")
     command = [horovodrun, "--gloo", "-np", 2, "-H", "localhost:2", sys.executable, SCRIPT]
     command += ["--kvstore", "horovod", "--out", tmp_path, "--steps", STEPS]
-    proc = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=JOB_TIMEOUT, cwd=TESTS.parent)
+    proc = subprocess.run(
+        list(map(str, command)), capture_output=True, text=True, timeout=JOB_TIMEOUT, cwd=TESTS.parent
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_trained_like(reference_params, tmp_path)
 
@@ -207,7 +210,8 @@ def test_launcher_help_lists_its_options(capsys):
 
 
 def test_unknown_kvstore_type_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown kvstore type 'dist_foo'; expected one of device, local, dist_sync, .*horovod"):
+    expected = r"unknown kvstore type 'dist_foo'; expected one of device, local, dist_sync, .*horovod"
+    with pytest.raises(ValueError, match=expected):
         dist.init_worker("dist_foo")
 
 

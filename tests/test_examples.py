@@ -99,7 +99,8 @@ def digits_runs(tmp_path_factory):
     )
     procs = run_all(
         {
-            "cli": [EXAMPLES / "train_digits.py", "--mode", "map", "--out", outs["map"], "--trace", root / "trace.json", *TINY],
+            "cli": [EXAMPLES / "train_digits.py", "--mode", "map", "--out", outs["map"],
+                    "--trace", root / "trace.json", *TINY],
             "main": ["-c", script],
         },
         root,
@@ -229,7 +230,8 @@ def test_train_digits_bad_contexts_is_a_usage_error(cli_checks, name):
 def test_train_digits_help_lists_every_option(cli_checks):
     _, procs = cli_checks
     proc = check_ok(procs["help"])
-    for option in ("--mode", "--kvstore", "--contexts", "--epochs", "--batch-size", "--lr", "--test-size", "--seed", "--out", "--trace"):
+    options = "--mode --kvstore --contexts --epochs --batch-size --lr --test-size --seed --out --trace"
+    for option in options.split():
         assert option in proc.stdout, option
     assert all(mode in proc.stdout for mode in MODES)
 

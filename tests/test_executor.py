@@ -18,6 +18,7 @@ import pytest
 from mxnet import gluon
 
 import parallel_exec as pe
+
 from conftest import CPU2, TIMEOUT
 
 

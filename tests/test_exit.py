@@ -16,6 +16,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+
 from conftest import CPU2, SCRIPT_PRELUDE, TIMEOUT
 
 
@@ -27,7 +28,8 @@ def run_script(source: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, f"exit status {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, f"exit status {result.returncode}\n{output}"
     return result
 
 

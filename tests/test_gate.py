@@ -21,9 +21,10 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from conftest import CPU2, TIMEOUT
 from parallel_exec import _executor
 from parallel_exec._gate import SerialInitGate
+
+from conftest import CPU2, TIMEOUT
 
 # Bounded wait for something that must NOT happen (another task starting
 # while a first task runs). Only ever spent in full when the gate works.

@@ -14,6 +14,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+
 from conftest import CPU2, TIMEOUT
 
 CPU4 = [mx.cpu(i) for i in range(4)]

@@ -15,6 +15,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+
 from conftest import TIMEOUT
 
 MXNetError = mx.base.MXNetError

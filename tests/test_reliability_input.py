@@ -15,6 +15,7 @@ import mxnet as mx
 from hypothesis import given, settings
 
 import parallel_exec as pe
+
 from conftest import TIMEOUT
 
 KNOWN = [mx.cpu(0), mx.cpu(1), mx.cpu(1)]

@@ -22,8 +22,8 @@ them):
 import collections
 import concurrent.futures
 import functools
-import itertools
 import gc
+import itertools
 import os
 import random
 import threading
@@ -34,6 +34,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+
 from conftest import TIMEOUT
 
 STRESS_TASKS = int(os.environ.get("PE_STRESS_TASKS", "20000"))

@@ -23,6 +23,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+
 from conftest import CPU2, SCRIPT_PRELUDE, TIMEOUT
 
 

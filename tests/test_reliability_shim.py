@@ -12,6 +12,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+
 from conftest import TIMEOUT
 
 NUM_WORKERS = 4

@@ -17,8 +17,9 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from conftest import CPU2, TIMEOUT
 from parallel_exec import _executor
+
+from conftest import CPU2, TIMEOUT
 
 
 def new_threads(before):
@@ -61,47 +62,50 @@ def test_a_future_cancelled_while_queued_is_done_for_wait_after_shutdown_cancels
 
 @pytest.mark.parametrize("cancel_futures", [False, True])
 def test_submit_racing_shutdown_from_several_threads_loses_nothing(cancel_futures):
-    num_submitters = 4
     for round_ in range(5):  # several rounds: different interleavings
-        before = set(threading.enumerate())
-        ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1), mx.cpu(1)])
-        workers = new_threads(before)
-        everyone_submitted = threading.Barrier(num_submitters + 1, timeout=TIMEOUT)
-        accepted = [[] for _ in range(num_submitters)]  # (value, future)
-        refusals = [None] * num_submitters
+        _race_submits_against_shutdown(round_, cancel_futures, num_submitters=4)
 
-        def submit_until_refused(k):
-            value = k * 1_000_000
-            try:
-                while True:
-                    data = mx.nd.ones((1,), ctx=CPU2[value % 2]) if value % 3 == 0 else value
-                    accepted[k].append((value, ex.submit(lambda v, d: v, value, data)))
-                    value += 1
-                    if len(accepted[k]) == 20:
-                        everyone_submitted.wait()
-            except RuntimeError as exc:
-                refusals[k] = exc
 
-        threads = [threading.Thread(target=submit_until_refused, args=(k,)) for k in range(num_submitters)]
-        for thread in threads:
-            thread.start()
-        everyone_submitted.wait()
-        ex.shutdown(wait=True, cancel_futures=cancel_futures)
-        for thread in threads:
-            thread.join(TIMEOUT)
-        assert not any(t.is_alive() for t in threads + workers)
-        assert all("shutdown" in str(exc) for exc in refusals), refusals
-        futures = [f for per_thread in accepted for _, f in per_thread]
-        # shutdown(wait=True) returned: every accepted task had already run
-        # or been cancelled; none was queued behind a worker's exit.
-        _, not_done = concurrent.futures.wait(futures, timeout=0)
-        assert not not_done, f"round {round_}: {len(not_done)} accepted futures never completed"
-        for value, future in (pair for per_thread in accepted for pair in per_thread):
-            if cancel_futures and future.cancelled():
-                continue
-            assert future.result(0) == value
-        if not cancel_futures:
-            assert not any(f.cancelled() for f in futures)
+def _race_submits_against_shutdown(round_, cancel_futures, num_submitters):
+    before = set(threading.enumerate())
+    ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1), mx.cpu(1)])
+    workers = new_threads(before)
+    everyone_submitted = threading.Barrier(num_submitters + 1, timeout=TIMEOUT)
+    accepted = [[] for _ in range(num_submitters)]  # (value, future)
+    refusals = [None] * num_submitters
+
+    def submit_until_refused(k):
+        value = k * 1_000_000
+        try:
+            while True:
+                data = mx.nd.ones((1,), ctx=CPU2[value % 2]) if value % 3 == 0 else value
+                accepted[k].append((value, ex.submit(lambda v, d: v, value, data)))
+                value += 1
+                if len(accepted[k]) == 20:
+                    everyone_submitted.wait()
+        except RuntimeError as exc:
+            refusals[k] = exc
+
+    threads = [threading.Thread(target=submit_until_refused, args=(k,)) for k in range(num_submitters)]
+    for thread in threads:
+        thread.start()
+    everyone_submitted.wait()
+    ex.shutdown(wait=True, cancel_futures=cancel_futures)
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads + workers)
+    assert all("shutdown" in str(exc) for exc in refusals), refusals
+    futures = [f for per_thread in accepted for _, f in per_thread]
+    # shutdown(wait=True) returned: every accepted task had already run
+    # or been cancelled; none was queued behind a worker's exit.
+    _, not_done = concurrent.futures.wait(futures, timeout=0)
+    assert not not_done, f"round {round_}: {len(not_done)} accepted futures never completed"
+    for value, future in (pair for per_thread in accepted for pair in per_thread):
+        if cancel_futures and future.cancelled():
+            continue
+        assert future.result(0) == value
+    if not cancel_futures:
+        assert not any(f.cancelled() for f in futures)
 
 
 class ContendedLock:

@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given, settings
 
 import parallel_exec as pe
-from conftest import CPU2, TIMEOUT
 from parallel_exec._routing import find_first_ndarray, pick_least_loaded
+
+from conftest import CPU2, TIMEOUT
 
 Point = collections.namedtuple("Point", "x y")
 

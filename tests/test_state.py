@@ -14,6 +14,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+
 from conftest import CPU2, TIMEOUT
 
 # (is_recording, is_training) -> a context manager putting the caller in it.
@@ -167,7 +168,7 @@ def test_record_in_caller_map_then_backward_in_caller():
     with pe.ContextExecutor(CPU2) as ex:
         with autograd.record():
             losses = list(ex.map(loss_fn, xs, ys, timeout=TIMEOUT))
-        assert [l.context for l in losses] == list(CPU2)
+        assert [loss.context for loss in losses] == list(CPU2)
         autograd.backward(losses)
         got = grads(net)
     assert_same_grads(got, sequential_grads(net, loss_fn, xs, ys))

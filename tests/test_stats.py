@@ -7,6 +7,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+
 from conftest import CPU2, TIMEOUT
 
 
@@ -112,5 +113,5 @@ def test_shutdown_cancellations_and_table():
     table = str(stats).splitlines()
     assert table[0].split()[:3] == ["worker", "submitted", "ok"]
     assert table[1].split()[:3] == ["0:cpu(0)", "4", "1"]
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         only.completed = 5  # snapshots are immutable

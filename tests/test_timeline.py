@@ -11,6 +11,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+
 from conftest import CPU2, TIMEOUT
 
 
