@@ -398,7 +398,7 @@ def test_a_task_exception_lands_on_its_future_and_the_worker_survives(exc):
         assert failing.exception(TIMEOUT) is exc  # the object itself, not a copy
         with pytest.raises(type(exc)):
             failing.result(TIMEOUT)
-        assert "raise_it_here" in "".join(traceback.format_exception(exc))
+        assert "raise_it_here" in "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name, _ = before.result(TIMEOUT)
         # The same worker thread, not a replacement, serves the next tasks.
         assert after.result(TIMEOUT) == (name, "after")
