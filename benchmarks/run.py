@@ -3,8 +3,9 @@
     python benchmarks/run.py            # full run, < 15 minutes on 2 cores
     python benchmarks/run.py --quick    # < 3 minutes on 2 cores
 
-Prints the tables, and writes RESULTS.md and the PNG plots next to this file
-(or to ``--out``). Everything runs in this process, variants interleaved in
+Prints the tables, and writes RESULTS.md and the PNG plots to runs/benchmarks/
+(git-ignored) or to ``--out DIR``; ``--out benchmarks`` rewrites the committed
+RESULTS.md and plots, on purpose only. Everything runs in this process, variants interleaved in
 rounds, except the peak-RSS measurement, which needs a fresh process per
 variant. Needs the ``bench`` extra: ``pip install -e ".[bench]"``.
 """
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# A run writes here unless told otherwise, so it never rewrites tracked files.
+DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks")
 sys.path.insert(0, HERE)
 
 import dispatch  # noqa: E402
@@ -60,7 +63,11 @@ def main(argv=None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a run under 3 minutes on 2 cores")
     size.add_argument("--smoke", action="store_const", dest="size", const="smoke", help="smallest size, for the test suite")
-    parser.add_argument("--out", default=HERE, help="where RESULTS.md and the PNGs go (default: %(default)s)")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, metavar="DIR",
+        help="where RESULTS.md and the PNGs go (default: runs/benchmarks/, git-ignored; "
+        "--out benchmarks rewrites the committed ones)",
+    )
     parser.add_argument("--note", default="", help="a remark printed at the top of RESULTS.md, e.g. about machine load")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
         threads=threads,
     )
     print("\n" + report.targets_table(dispatch_results, training_results, peaks, grown))
-    print(f"\nwrote {', '.join(files)} in {timings['total']:.0f} s")
+    print(f"\nwrote {', '.join(files)} to {args.out} in {timings['total']:.0f} s")
     return 0
 
 

@@ -30,7 +30,20 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
     results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
     assert "python benchmarks/run.py --smoke" in results
     assert "## Targets" in results and "## What the numbers mean for you" in results
+    # Each target is explained in the report itself, with nothing to look up elsewhere.
+    assert "What each target asks, and why" in results and "issue" not in results.lower()
     for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png",
                 "overlap_python_heavy.png", "overlap_compute_heavy.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"]({png})" in results
+
+
+def test_a_run_writes_to_a_git_ignored_folder_by_default():
+    # Only ``--out benchmarks`` rewrites the committed RESULTS.md and plots.
+    # In a subprocess: importing run.py puts benchmarks/ on sys.path.
+    repo = os.path.dirname(os.path.dirname(RUN))
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(RUN)!r}); import run; print(run.DEFAULT_OUT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True)
+    assert os.path.relpath(out.stdout.strip(), repo).split(os.sep)[0] == "runs"
+    with open(os.path.join(repo, ".gitignore"), encoding="utf-8") as file:
+        assert "/runs/" in file.read().split()
