@@ -13,7 +13,7 @@ import threading
 class SerialInitGate:
     """Lets each worker's first task run alone.
 
-    The rule (API.md): the first task that runs on each worker runs alone: no
+    The rule (docs/gate.md): the first task that runs on each worker runs alone: no
     other task of the executor runs while it does. Once a worker's first task
     has finished without raising, that worker's later tasks run concurrently
     with the others. If the first task raises, the worker's next task again

@@ -1,7 +1,7 @@
 """Process-wide lifecycle: interpreter exit and ``os.fork()``.
 
-The only module-level mutable state of the package. Executors register here
-so that:
+The executors' process-wide state (``parallel_exec.dist`` keeps its own, for
+the multi-process side). Executors register here so that:
 - at interpreter exit every worker, a collected executor's included, finishes
   the tasks already submitted and is joined (workers are daemon threads, so
   this hook is what makes exit orderly);

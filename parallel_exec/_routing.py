@@ -1,7 +1,7 @@
 """Which worker a task goes to: pure functions (no threads), and the warning
 for an NDArray on a context that has no worker.
 
-Routing rule (API.md): the first ``mx.nd.NDArray`` in a depth-first,
+Routing rule (docs/executor.md, Routing): the first ``mx.nd.NDArray`` in a depth-first,
 left-to-right walk of the positional arguments, then of the keyword values,
 decides the context; among several workers of that context the one with the
 fewest tasks queued or running wins. Otherwise the caller falls back to
@@ -75,7 +75,7 @@ def pick_least_loaded(loads: Sequence[int]) -> int:
 class UnknownContextWarner:
     """Logs a warning the first time a task's NDArray is on a context without a worker.
 
-    Such a task still runs (round-robin, API.md), but on another device's
+    Such a task still runs (round-robin, docs/executor.md), but on another device's
     thread, which is rarely what the caller meant; once per context and
     executor keeps a training loop's log readable.
 

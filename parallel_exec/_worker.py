@@ -53,7 +53,7 @@ class WorkItem:
         if not self.future.set_running_or_notify_cancel():
             slot.counters.cancelled += 1
             slot.finished += 1
-            return  # cancelled while queued: not a first task (API.md)
+            return  # cancelled while queued: not a first task (docs/gate.md)
         start_ns = time.perf_counter_ns()
         first = not slot.initialized
         counted = gate.enter(first) if gate is not None else False

@@ -167,7 +167,7 @@ def test_without_gate_first_tasks_overlap():
 
 
 def test_serial_init_false_lets_a_first_task_wait_for_another():
-    # With the gate this would deadlock (see the rule in API.md); without
+    # With the gate this would deadlock (see the rule in docs/gate.md); without
     # it a first task may wait for another worker's first task.
     other_done = threading.Event()
     with pe.ContextExecutor(CPU2, serial_init=False) as ex:
