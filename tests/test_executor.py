@@ -51,8 +51,8 @@ def test_bad_contexts_fail_with_a_message_naming_the_problem(contexts, error, wo
 
 
 def test_a_gpu_mxnet_cannot_see_is_refused_at_construction():
-    # One past the last visible GPU: gpu(0) on a CPU-only build, as README's
-    # GPU snippet gives it, which would otherwise fail only at the first task.
+    # One past the last visible GPU (gpu(0) on a CPU-only build): without the
+    # check it would fail only at the first task.
     missing = mx.gpu(mx.context.num_gpus())
     before = threading.active_count()
     with pytest.raises(ValueError) as info:
