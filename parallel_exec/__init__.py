@@ -2,13 +2,21 @@
 
 One worker thread per ``mx.Context``, behind the ``concurrent.futures``
 interface, plus a drop-in for ``gluonnlp.utils.Parallel``.
+
+The names below are imported on first use (a module ``__getattr__``, as
+``concurrent.futures`` does), so ``python -m parallel_exec.launch`` and
+``parallel_exec.dist.role_environment`` run without importing MXNet.
 """
 
-from ._compat import Parallel, Parallelizable
-from ._executor import BrokenContextExecutor, ContextExecutor
-from ._state import current_context
-from ._stats import ExecutorStats, WorkerStats
-from ._timeline import Timeline
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
+    from ._compat import Parallel, Parallelizable
+    from ._executor import BrokenContextExecutor, ContextExecutor
+    from ._state import current_context
+    from ._stats import ExecutorStats, WorkerStats
+    from ._timeline import Timeline
 
 __version__ = "0.1.0"
 
@@ -22,3 +30,29 @@ __all__ = [
     "WorkerStats",
     "current_context",
 ]
+
+# Public name -> the private module that defines it.
+_LAZY = {
+    "BrokenContextExecutor": "._executor",
+    "ContextExecutor": "._executor",
+    "ExecutorStats": "._stats",
+    "Parallel": "._compat",
+    "Parallelizable": "._compat",
+    "Timeline": "._timeline",
+    "WorkerStats": "._stats",
+    "current_context": "._state",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> _typing.List[str]:
+    # The public names, loaded or not, and the submodules imported so far.
+    return sorted(set(__all__) | {"__version__"} | {name for name in globals() if not name.startswith("_")})

@@ -290,6 +290,61 @@ threading.Event().wait()
     assert ("thread failing" if where == "thread" else "the main thread") in proc.stderr
 
 
+# -- without MXNet --------------------------------------------------------------
+
+# Prepended to a program to run it where ``import mxnet`` fails, as on a machine without MXNet.
+WITHOUT_MXNET = "import runpy, sys\nsys.modules['mxnet'] = None\n"
+
+
+def run_without_mxnet(program):
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_MXNET + program], capture_output=True, text=True, timeout=JOB_TIMEOUT
+    )
+
+
+def test_launcher_and_role_environment_run_without_mxnet():
+    # The launcher and a cluster's role mapping run where MXNet is absent, and
+    # never import it (MXNet reads DMLC_ROLE at import and becomes that role).
+    proc = run_without_mxnet(
+        """
+from parallel_exec.dist import role_environment, role_of_process
+role, _ = role_of_process(0, num_workers=1, num_servers=1)
+role_environment(role, num_workers=1, num_servers=1, scheduler_host="127.0.0.1", scheduler_port=9000)
+sys.argv = ["launch", "--help"]
+runpy.run_module("parallel_exec.launch", run_name="__main__")
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--num-workers" in proc.stdout
+
+
+def test_package_names_load_on_first_use():
+    proc = run_without_mxnet(
+        """
+import parallel_exec as pe
+from parallel_exec import dist
+assert set(pe.__all__) <= set(dir(pe)) and set(dist.__all__) <= set(dir(dist))
+pe.ContextExecutor
+"""
+    )
+    # Only touching a name that needs MXNet imports it, with the install advice.
+    assert proc.returncode == 1
+    assert "parallel_exec needs MXNet, which is not installed" in proc.stderr, proc.stderr
+
+
+def test_every_public_name_resolves():
+    import parallel_exec as pe
+
+    for module in (pe, dist):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        pe.nope  # noqa: B018
+    # Old names stay importable, though not in dist.__all__.
+    assert dist.DIST_KVSTORE_TYPES == ("dist_sync", "dist_device_sync", "dist_async")
+    assert issubclass(dist.HorovodTrainer, mx.gluon.Trainer)
+
+
 # -- role_environment: pure ---------------------------------------------------
 
 

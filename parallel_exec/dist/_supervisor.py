@@ -1,0 +1,212 @@
+"""Start the processes of a ps-lite job and end them together.
+
+``Job`` starts each planned child in its own session, streams its output
+prefixed by its label, and stops every child (SIGTERM to its process group,
+then SIGKILL) on the first failure, a stall, a signal, or once every worker
+has finished. Free of MXNet.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+
+LOGGER = logging.getLogger("parallel_exec.launch")
+
+# How long scheduler and servers get to exit on their own once every worker
+# has finished (they exit when the job finalizes, within a second here).
+_FINALIZE_WAIT = 30.0
+# How long a child's exit waits for the rest of its output; bounded because
+# a grandchild may hold the pipe open.
+_OUTPUT_DRAIN_SECONDS = 5.0
+_LINE_END = re.compile(rb"[\r\n]")  # \r too: progress bars redraw with it
+# (role, index within the role here, command, environment) of one child.
+Planned = Tuple[str, int, List[str], Dict[str, str]]
+
+
+class _Child:
+    """One process of the job, with the threads that watch it."""
+
+    def __init__(self, role: str, index: int, proc: "subprocess.Popen[bytes]") -> None:
+        self.role = role
+        self.label = "scheduler" if role == "scheduler" else f"{role} {index}"
+        self.proc = proc
+        self.exited = threading.Event()  # set once its exit and output are reported
+
+
+def _read_output(child: _Child, events: "queue.SimpleQueue") -> None:
+    """Post the child's output as ("output", child, lines) events until EOF."""
+    stream = cast(io.BufferedReader, child.proc.stdout)  # Popen(stdout=PIPE): buffered binary
+    pending = b""
+    while True:
+        chunk = stream.read1(65536)
+        if not chunk:
+            break
+        *lines, pending = _LINE_END.split(pending + chunk)
+        # Posted even without a complete line: any output counts as progress.
+        events.put(("output", child, [line.decode(errors="replace") for line in lines if line]))
+    if pending:
+        events.put(("output", child, [pending.decode(errors="replace")]))
+
+
+def _wait_for_exit(child: _Child, reader: threading.Thread, events: "queue.SimpleQueue") -> None:
+    """Post ("exit", child, returncode) after the child's last output."""
+    returncode = child.proc.wait()
+    reader.join(_OUTPUT_DRAIN_SECONDS)  # so a traceback is printed before the failure
+    child.exited.set()
+    events.put(("exit", child, returncode))
+
+
+def _start_thread(target: Callable[..., None], *args: Any, name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _signal_group(child: _Child, signum: int) -> None:
+    """Signal the child's whole process group (its pid: it leads a session)."""
+    if child.exited.is_set():
+        return
+    try:
+        os.killpg(child.proc.pid, signum)
+    except (ProcessLookupError, PermissionError):  # already gone
+        pass
+
+
+class Job:
+    """The children of one launch and the loop that supervises them.
+
+    All events (output, exits, signals) arrive on one queue, consumed by the
+    thread that calls ``run``; the reader and waiter threads only post.
+    """
+
+    def __init__(self, plan: Sequence[Planned], progress_timeout: float, grace: float) -> None:
+        self._plan = plan
+        self._progress_timeout = progress_timeout
+        self._grace = grace
+        self._events: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._children: List[_Child] = []
+
+    def run(self) -> int:
+        """Start every child, supervise, stop the rest; return the exit status."""
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed
+        previous = {signum: signal.getsignal(signum) for signum in handled}
+        for signum in handled:
+            # SimpleQueue.put is reentrant, so a handler may call it.
+            signal.signal(signum, lambda signum, frame: self._events.put(("signal", None, signum)))
+        try:
+            failure, status = self._start()
+            if failure is None:
+                failure, status = self._supervise()
+            if failure is None:
+                self._stop(first_wait=_FINALIZE_WAIT)
+                LOGGER.info("job finished: every worker exited 0")
+            else:
+                LOGGER.error("stopping the job: %s", failure)
+                self._stop(first_wait=0.0)
+                LOGGER.error("job failed: %s", failure)
+            return status
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _start(self) -> Tuple[Optional[str], int]:
+        for role, index, command, env in self._plan:
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    # Its own process group: ended as a whole, spared the terminal's Ctrl-C.
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                label = "scheduler" if role == "scheduler" else f"{role} {index}"
+                return f"cannot start {label} ({' '.join(command)}): {exc}", 1
+            child = _Child(role, index, proc)
+            self._children.append(child)
+            LOGGER.info("started %s (pid %d)", child.label, proc.pid)
+            reader = _start_thread(_read_output, child, self._events, name=f"read[{child.label}]")
+            _start_thread(_wait_for_exit, child, reader, self._events, name=f"wait[{child.label}]")
+        return None, 0
+
+    def _supervise(self) -> Tuple[Optional[str], int]:
+        """Wait until every worker finished (None) or the job must stop (why)."""
+        waiting_for = {c for c in self._children if c.role == "worker"} or set(self._children)
+        timeout = self._progress_timeout if any(c.role == "worker" for c in self._children) else 0
+        deadline = time.monotonic() + timeout if timeout else None
+        while waiting_for:
+            try:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                kind, child, payload = self._events.get(timeout=wait)
+            except queue.Empty:
+                stalled = f"no output from any worker for {timeout:g} s; the job looks stalled (raise --timeout if it is slow)"
+                return stalled, 1
+            if kind == "signal":
+                return f"the launcher received {signal.Signals(payload).name}", 128 + payload
+            if kind == "output":
+                self._print(child, payload)
+                if deadline is not None and child.role == "worker":
+                    deadline = time.monotonic() + timeout
+            elif payload != 0:
+                return f"{child.label} (pid {child.proc.pid}) {_describe_exit(payload)}", 1
+            else:
+                LOGGER.info("%s (pid %d) finished", child.label, child.proc.pid)
+                waiting_for.discard(child)
+        return None, 0
+
+    def _stop(self, first_wait: float) -> None:
+        """End every child still running: wait, SIGTERM, wait, SIGKILL."""
+        self._wait_for_children(first_wait)
+        for signum, wait in ((signal.SIGTERM, self._grace), (signal.SIGKILL, _OUTPUT_DRAIN_SECONDS + 5.0)):
+            running = [c for c in self._children if not c.exited.is_set()]
+            if not running:
+                return
+            names = ", ".join(f"{c.label} (pid {c.proc.pid})" for c in running)
+            LOGGER.info("sending %s to %s", signal.Signals(signum).name, names)
+            for child in running:
+                _signal_group(child, signum)
+            self._wait_for_children(wait)
+        for child in self._children:
+            if not child.exited.is_set():
+                LOGGER.critical("%s (pid %d) is still running after SIGKILL", child.label, child.proc.pid)
+
+    def _wait_for_children(self, seconds: float) -> None:
+        """Print output until every child has exited or ``seconds`` passed."""
+        deadline = time.monotonic() + seconds
+        while not all(c.exited.is_set() for c in self._children):
+            try:
+                kind, child, payload = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if kind == "output":
+                self._print(child, payload)
+            elif kind == "exit" and payload != 0:
+                LOGGER.info("%s (pid %d) %s", child.label, child.proc.pid, _describe_exit(payload))
+            # A second signal while stopping changes nothing: SIGKILL follows anyway.
+
+    @staticmethod
+    def _print(child: _Child, lines: List[str]) -> None:
+        if lines:
+            sys.stdout.write("".join(f"[{child.label}] {line}\n" for line in lines))
+            sys.stdout.flush()
