@@ -16,7 +16,8 @@ CPU2 = [mx.cpu(0), mx.cpu(1)]
 # Prepended to the exit tests' fresh-interpreter scripts: ``say`` writes a
 # line in one call, so lines from several threads never interleave (print
 # writes the text and the newline apart). ``notice_exit()``, called after
-# importing parallel_exec, sets ``exiting`` from an atexit hook that runs
+# the first executor or Parallel is created (parallel_exec's names, and its
+# exit hook, load on first use), sets ``exiting`` from an atexit hook that runs
 # before parallel_exec's (last in, first out): a task waiting on it is
 # certainly still running when the interpreter starts to exit.
 SCRIPT_PRELUDE = """

@@ -48,8 +48,6 @@ def test_parallel_left_open_with_work_in_flight_exits_promptly(how):
         import mxnet as mx
         import parallel_exec as pe
 
-        notice_exit()
-
         started = threading.Event()
 
         class Slow(pe.Parallelizable):
@@ -62,6 +60,7 @@ def test_parallel_left_open_with_work_in_flight_exits_promptly(how):
 
         def put_some():
             parallel = pe.Parallel(2, Slow(), serial_init=False)
+            notice_exit()
             for x in range(6):
                 parallel.put(x)
             assert started.wait(30)
@@ -89,9 +88,8 @@ def test_main_thread_exiting_from_an_exception_lets_running_and_queued_work_fini
         import mxnet as mx
         import parallel_exec as pe
 
-        notice_exit()
-
         ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)])
+        notice_exit()
         started = threading.Event()
 
         def running():
