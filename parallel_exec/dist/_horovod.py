@@ -10,7 +10,7 @@ from .._mxnet import mx
 def import_horovod() -> Any:
     """``horovod.mxnet``, or an ImportError that says how to install it."""
     try:
-        import horovod.mxnet as hvd  # type: ignore[import-not-found]  # optional, no stubs
+        import horovod.mxnet as hvd
     except ImportError as exc:
         raise ImportError(
             "kvstore 'horovod' needs Horovod built with MXNet support: HOROVOD_WITH_MXNET=1 pip install "
