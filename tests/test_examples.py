@@ -245,3 +245,14 @@ def test_gluonnlp_migration_trains_the_same_with_put_get_and_futures(tmp_path):
     for curve in losses.values():
         assert curve[-1] < 0.5 * curve[0], losses
     np.testing.assert_allclose(losses["put/get"], losses["futures"], rtol=1e-3)
+
+
+def test_ps_bootstrap_makes_a_launcher_process_a_ps_lite_worker(tmp_path, monkeypatch):
+    # As torchrun would start the third of four processes: scheduler, server, 2 workers.
+    for name, value in {"WORLD_SIZE": "4", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NODE_IP", raising=False)
+    names = ["DMLC_ROLE", "DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "DMLC_NUM_WORKER", "DMLC_NUM_SERVER"]
+    show = f"import os; print(*(os.environ[name] for name in {names!r}))"
+    stdout = run([EXAMPLES / "ps_bootstrap.py", sys.executable, "-c", show], tmp_path).stdout
+    assert stdout.split() == ["worker", "127.0.0.1", "29501", "2", "1"]
