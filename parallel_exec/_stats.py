@@ -83,8 +83,10 @@ class WorkerStats:
         queued_seconds: total time tasks waited in the queue.
         gate_seconds: total time tasks waited at the serial-init gate.
         running_seconds: total time tasks ran (the Python function's time).
-        queued_p50, queued_p95, running_p50, running_p95: percentiles, in
-            seconds, over the last 256 tasks.
+        queued_p50: median time queued, in seconds, over the last 256 tasks.
+        queued_p95: 95th percentile of the same.
+        running_p50: median running time, in seconds, over the last 256 tasks.
+        running_p95: 95th percentile of the same.
     """
 
     context: "mx.Context"

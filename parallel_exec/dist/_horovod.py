@@ -14,7 +14,7 @@ def import_horovod() -> Any:
     except ImportError as exc:
         raise ImportError(
             "kvstore 'horovod' needs Horovod built with MXNet support: HOROVOD_WITH_MXNET=1 pip install "
-            "--no-build-isolation horovod==0.28.1 (see the README, More than one machine)"
+            "--no-build-isolation horovod==0.28.1 (see docs/multi-machine.md, Horovod)"
         ) from exc
     return hvd
 

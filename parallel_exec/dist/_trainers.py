@@ -61,7 +61,7 @@ class HorovodTrainer(mx.gluon.Trainer):
     ``step`` takes this worker's batch size.
 
     Needs Horovod built with MXNet support (``pip install
-    parallel_exec[horovod]``; see the README).
+    parallel_exec[horovod]``; see docs/multi-machine.md, Horovod).
     """
 
     def __init__(self, params: Any, optimizer: Any, optimizer_params: Optional[dict] = None, **kwargs: Any) -> None:
