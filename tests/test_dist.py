@@ -217,7 +217,8 @@ def test_unknown_kvstore_type_names_the_choices():
 
 def test_horovod_without_horovod_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "horovod", None)  # import horovod.mxnet raises ImportError
-    with pytest.raises(ImportError, match=r"kvstore 'horovod' needs Horovod built with MXNet support.*docs/multi-machine.md"):
+    expected = r"kvstore 'horovod' needs Horovod built with MXNet support.*docs/multi-machine.md"
+    with pytest.raises(ImportError, match=expected):
         dist.init_worker("horovod")
     assert sys.excepthook is sys.__excepthook__  # nothing installed by a failed join
 
