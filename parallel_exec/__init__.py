@@ -12,8 +12,8 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
-    from ._compat import Parallel, Parallelizable
     from ._executor import BrokenContextExecutor, ContextExecutor
+    from ._gluonnlp_shim import Parallel, Parallelizable
     from ._state import current_context
     from ._stats import ExecutorStats, WorkerStats
     from ._timeline import Timeline
@@ -36,8 +36,8 @@ _LAZY = {
     "BrokenContextExecutor": "._executor",
     "ContextExecutor": "._executor",
     "ExecutorStats": "._stats",
-    "Parallel": "._compat",
-    "Parallelizable": "._compat",
+    "Parallel": "._gluonnlp_shim",
+    "Parallelizable": "._gluonnlp_shim",
     "Timeline": "._timeline",
     "WorkerStats": "._stats",
     "current_context": "._state",
