@@ -43,6 +43,7 @@ use of its names, so the launcher runs without it):
 - ``_fail_fast``: end the process on an uncaught exception in any thread.
 - ``_worker``: ``init_worker`` and ``Worker``, this process's place in the job.
 - ``_trainers``: the trainers ``Worker.trainer`` builds.
+- ``_checkpoint``: ``Checkpointer``, saving and restoring a run so a restart resumes.
 - ``_horovod``: importing Horovod and broadcasting through it.
 - ``_launcher``: the ``python -m parallel_exec.launch`` command line.
 - ``_supervisor``: starting the job's processes and ending them together.
@@ -60,14 +61,25 @@ from ._environment import role_environment, role_of_process
 from ._fail_fast import install_fail_fast
 
 if _typing.TYPE_CHECKING:
+    from ._checkpoint import Checkpoint, Checkpointer
     from ._trainers import DistTrainer, HorovodTrainer
     from ._worker import Worker, init_worker
 
-__all__ = ["Worker", "init_worker", "install_fail_fast", "role_environment", "role_of_process"]
+__all__ = [
+    "Checkpoint",
+    "Checkpointer",
+    "Worker",
+    "init_worker",
+    "install_fail_fast",
+    "role_environment",
+    "role_of_process",
+]
 
 # Names that need MXNet -> the module that defines them. The trainers are
 # importable, though not in __all__: Worker.trainer builds them.
 _LAZY = {
+    "Checkpoint": "._checkpoint",
+    "Checkpointer": "._checkpoint",
     "DistTrainer": "._trainers",
     "HorovodTrainer": "._trainers",
     "Worker": "._worker",
