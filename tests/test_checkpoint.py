@@ -9,9 +9,9 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
+import restart_train_script
 from mxnet import autograd, gluon
 
-import restart_train_script
 from parallel_exec import dist
 
 TESTS = Path(__file__).resolve().parent
@@ -44,7 +44,7 @@ def train_steps(net, trainer, rng, steps, contexts=CPU2):
     """Steps whose data come from ``rng``: the same result only with the same rng state."""
     for _ in range(steps):
         data = mx.nd.array(rng.normal(size=(4, 3)))
-        for ctx, shard in zip(contexts, gluon.utils.split_and_load(data, contexts)):
+        for shard in gluon.utils.split_and_load(data, contexts):
             with autograd.record():
                 loss = (net(shard) ** 2).sum()
             loss.backward()

@@ -185,7 +185,7 @@ class Checkpointer:
                 "extra": extra,
                 "num_workers": self.num_workers,
                 "params": {name: param.list_data()[0].asnumpy() for name, param in _named_parameters(self._net)},
-                "trainer": self._trainer_states() if self._trainer is not None else None,
+                "trainer": None if self._trainer is None else _trainer_states(self._trainer, self.directory),
                 "random": random_state,
             }
             _write_atomically(path, state)
@@ -195,11 +195,6 @@ class Checkpointer:
         if self.rank > 0:
             _wait_until_visible(path)
         return path
-
-    def _trainer_states(self) -> bytes:
-        with _scratch_file(self.directory) as scratch:
-            self._trainer.save_states(scratch)
-            return Path(scratch).read_bytes()
 
     def _prune(self) -> None:
         for _, old in _main_checkpoints(self.directory)[self.keep :]:
@@ -367,6 +362,12 @@ class _scratch_file:
             os.unlink(self._name)
         except FileNotFoundError:
             pass
+
+
+def _trainer_states(trainer: "mx.gluon.Trainer", directory: Path) -> bytes:
+    with _scratch_file(directory) as scratch:  # Trainer saves only to a named file
+        trainer.save_states(scratch)
+        return Path(scratch).read_bytes()
 
 
 def _wait_until_visible(path: Path) -> None:
