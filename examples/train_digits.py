@@ -35,6 +35,15 @@ Every worker goes through the same global batches and takes its share of each
 (``worker.shard``), so two workers train like one process on all their
 devices. Rank 0 writes the outputs.
 
+``--checkpoint-dir DIR`` saves a checkpoint (``dist.Checkpointer``) at the end
+of every epoch and, when DIR already holds one, resumes after its epoch with
+the same parameters, optimizer state, batch order and metrics. With the
+launcher's ``--max-restarts`` a job that loses a worker starts again and loses
+at most the epoch it was in::
+
+    python -m parallel_exec.launch -n 2 --max-restarts 3 -- \
+        python examples/train_digits.py --kvstore dist_sync --checkpoint-dir runs/ckpt
+
 Run ``python examples/train_digits.py --help`` for the options. The run
 leaves ``params.params``, ``metrics.json`` and ``metrics.png`` in ``--out``.
 """
@@ -146,6 +155,12 @@ def parse_args(argv=None):
     add("--test-size", type=float, default=0.2, help="fraction of images held out (default: %(default)s)")
     add("--seed", type=int, default=0, help="seeds parameters, split, batch order (default: %(default)s)")
     add("--out", type=Path, help="output folder (default: runs/digits-<mode>/)")
+    add(
+        "--checkpoint-dir",
+        type=Path,
+        metavar="DIR",
+        help="save a checkpoint after every epoch, and resume from the newest one DIR holds",
+    )
     add(
         "--trace",
         type=Path,
@@ -330,19 +345,30 @@ def train(args):
     net = build_net()
     net.initialize(mx.init.Xavier(), ctx=contexts)
     net.hybridize()
+    # Checkpoints need the optimizer's state in this process, not on the parameter servers.
+    on_servers = {"update_on_kvstore": False} if args.checkpoint_dir and args.kvstore.startswith("dist") else {}
     # Starts every worker from rank 0's parameters; step() takes this worker's batch.
-    trainer = worker.trainer(net.collect_params(), "adam", {"learning_rate": args.lr})
+    trainer = worker.trainer(net.collect_params(), "adam", {"learning_rate": args.lr}, **on_servers)
     step = ShardStep(net)
 
     batches_per_epoch = len(train_x) // args.batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(train_x)} training images")
     history, batch_losses = [], []
+    checkpointer, first_epoch = None, 1
+    if args.checkpoint_dir is not None:
+        # rng decides the batch order: its state is saved with the parameters.
+        checkpointer = dist.Checkpointer(args.checkpoint_dir, net, trainer, rngs=[rng])
+        resumed = checkpointer.restore()
+        if resumed.path is not None:
+            first_epoch = resumed.epoch + 1
+            history, batch_losses = resumed.extra["history"], resumed.extra["batch_losses"]
+            print(f"resuming after epoch {resumed.epoch} from {resumed.path}")
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         drive, executor = make_driver(args.mode, step, contexts, stack)
         timeline = stack.enter_context(executor.record_timeline(args.trace)) if args.trace is not None else None
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(first_epoch, args.epochs + 1):
             epoch_start = time.perf_counter()
             loss_sum = correct = seen = 0.0
             batches = iter_batches(train_x, train_y, args.batch_size, rng, worker)
@@ -367,6 +393,9 @@ def train(args):
                     "samples_per_s": seen / seconds,
                 }
             )
+            if checkpointer is not None:
+                extra = {"history": history, "batch_losses": batch_losses}
+                checkpointer.save(epoch * batches_per_epoch, epoch=epoch, extra=extra)
         worker_stats = str(executor.stats()) if executor is not None else None
         if timeline is not None:
             worker_stats += f"\nshards overlapped: {timeline.mean_concurrency():.2f} tasks running at once on average"
@@ -385,7 +414,8 @@ def train(args):
         "test_samples": len(test_x),
         "test_accuracy": history[-1]["test_accuracy"],
         "wall_time_s": wall_time,
-        "samples_per_s": batches_per_epoch * worker_batch * args.epochs / wall_time,  # this worker's
+        # this worker's, over the epochs this run trained (after a resume, not all of them)
+        "samples_per_s": batches_per_epoch * worker_batch * (args.epochs + 1 - first_epoch) / wall_time,
         "history": history,
         "batch_loss": batch_losses,
     }

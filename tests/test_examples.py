@@ -203,6 +203,28 @@ def test_train_digits_under_the_launcher_trains_like_one_process_on_all_its_devi
         np.testing.assert_allclose(params[name].asnumpy(), value.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_train_digits_resumes_from_its_checkpoint_to_the_parameters_of_an_uninterrupted_run(tmp_path):
+    # One epoch with checkpoints, then the same command asked for two: it
+    # resumes after the first (parameters, Adam's state, the batch order's
+    # random state) and ends where a two-epoch run does.
+    script = [EXAMPLES / "train_digits.py", *TINY]  # later --epochs win over TINY's
+    resumable = [*script, "--checkpoint-dir", tmp_path / "ckpt", "--out", tmp_path / "resumed"]
+    whole = [*script, "--epochs", "2", "--out", tmp_path / "whole"]
+    procs = run_all({"first": [*resumable, "--epochs", "1"], "whole": whole}, tmp_path)
+    check_ok(procs["first"])
+    check_ok(procs["whole"])
+    resumed = run([*resumable, "--epochs", "2"], tmp_path)
+    assert "resuming after epoch 1 from " in resumed.stdout
+    reference = mx.nd.load(str(tmp_path / "whole" / "params.params"))
+    params = mx.nd.load(str(tmp_path / "resumed" / "params.params"))
+    for name, value in reference.items():
+        np.testing.assert_array_equal(params[name].asnumpy(), value.asnumpy(), err_msg=name)
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["batch_loss"] == whole["batch_loss"]
+
+
 BAD_CONTEXTS = {"bad_kind": "tpu:0", "no_such_gpu": "gpu:99"}
 
 
@@ -230,7 +252,7 @@ def test_train_digits_bad_contexts_is_a_usage_error(cli_checks, name):
 def test_train_digits_help_lists_every_option(cli_checks):
     _, procs = cli_checks
     proc = check_ok(procs["help"])
-    options = "--mode --kvstore --contexts --epochs --batch-size --lr --test-size --seed --out --trace"
+    options = "--mode --kvstore --contexts --epochs --batch-size --lr --test-size --seed --out --trace --checkpoint-dir"
     for option in options.split():
         assert option in proc.stdout, option
     assert all(mode in proc.stdout for mode in MODES)
