@@ -4,6 +4,7 @@ Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html``; the code
 blocks marked ``testcode`` run with ``-b doctest``. tests/test_docs.py does both.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -20,8 +21,24 @@ _help = subprocess.run(
     capture_output=True, text=True, check=True, cwd=ROOT,
     env={**os.environ, "COLUMNS": "100", "PYTHONPATH": str(ROOT)},
 ).stdout
-(Path(__file__).parent / "_generated").mkdir(exist_ok=True)
-(Path(__file__).parent / "_generated" / "launch-help.txt").write_text(_help, encoding="utf-8")
+_GENERATED = Path(__file__).parent / "_generated"
+_GENERATED.mkdir(exist_ok=True)
+(_GENERATED / "launch-help.txt").write_text(_help, encoding="utf-8")
+
+
+def _module_table() -> str:
+    """A Markdown table: each module of the package, its size and its docstring's first paragraph."""
+    rows = ["| module | lines | its one job |", "|---|--:|---|"]
+    package = ROOT / "parallel_exec"
+    for path in sorted(package.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        docstring = ast.get_docstring(ast.parse(source)) or ""
+        summary = " ".join(docstring.split("\n\n")[0].split()).replace("|", "\\|")
+        rows.append(f"| `{path.relative_to(ROOT).as_posix()}` | {source.count(chr(10))} | {summary} |")
+    return "\n".join(rows) + "\n"
+
+
+(_GENERATED / "modules.md").write_text(_module_table(), encoding="utf-8")
 
 project = "parallel_exec"
 author = "parallel_exec contributors"
