@@ -217,10 +217,12 @@ def test_unknown_kvstore_type_names_the_choices():
 
 def test_horovod_without_horovod_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "horovod", None)  # import horovod.mxnet raises ImportError
+    # Not sys.__excepthook__: before 3.11 the exceptiongroup backport (pytest's) installs its own.
+    excepthook = sys.excepthook
     expected = r"kvstore 'horovod' needs Horovod built with MXNet support.*docs/multi-machine.md"
     with pytest.raises(ImportError, match=expected):
         dist.init_worker("horovod")
-    assert sys.excepthook is sys.__excepthook__  # nothing installed by a failed join
+    assert sys.excepthook is excepthook  # nothing installed by a failed join
 
 
 def test_distributed_kvstore_outside_a_job_says_how_to_start_one(monkeypatch):
