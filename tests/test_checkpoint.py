@@ -168,7 +168,7 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, message):
 
 def test_a_trainer_that_updates_on_the_servers_is_refused(tmp_path):
     net, trainer = make_net_and_trainer(seed=1)
-    worker = dist.Worker("dist_sync", 0, 2, kvstore=object())  # only its type is read
+    worker = dist.WorkerProcess("dist_sync", 0, 2, kvstore=object())  # only its type is read
     with pytest.raises(ValueError, match=r"update_on_kvstore=False"):
         dist.Checkpointer(tmp_path, net, trainer, worker=worker)
 

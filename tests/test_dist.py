@@ -250,8 +250,8 @@ def test_local_kvstore_is_a_single_worker_that_changes_nothing():
 
 
 def _fake_worker(rank, num_workers, kvstore_type="dist_sync"):
-    """A Worker without a kvstore: enough for shard."""
-    return dist.Worker(kvstore_type, rank, num_workers)
+    """A WorkerProcess without a kvstore: enough for shard."""
+    return dist.WorkerProcess(kvstore_type, rank, num_workers)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
@@ -404,3 +404,10 @@ def test_role_of_process_maps_a_cluster_rank_to_a_role():
     assert roles == [("scheduler", 0), ("server", 0), ("server", 1), ("worker", 0), ("worker", 1), ("worker", 2)]
     with pytest.raises(ValueError, match="process index 6 is outside 0..5"):
         dist.role_of_process(6, num_workers=3, num_servers=2)
+
+
+def test_worker_process_keeps_its_earlier_name():
+    from parallel_exec.dist import Worker
+
+    assert Worker is dist.WorkerProcess
+    assert "Worker" not in dist.__all__

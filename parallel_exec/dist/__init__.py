@@ -20,8 +20,8 @@ In the training script::
         trainer.step(data.shape[0])           # this worker's batch, as on one machine
 
 Guarantees:
-- Every worker starts from rank 0's parameters (``Worker.trainer`` and
-  ``Worker.broadcast``).
+- Every worker starts from rank 0's parameters (``WorkerProcess.trainer`` and
+  ``WorkerProcess.broadcast``).
 - The trainer's ``step`` takes the batch this worker processed and turns it
   into what the servers need: the global batch for the synchronous types
   (the servers sum all workers' gradients), the worker's own for
@@ -41,8 +41,8 @@ use of its names, so the launcher runs without it):
 
 - ``_environment``: the ``DMLC_*`` variables of a role, computed and checked.
 - ``_fail_fast``: end the process on an uncaught exception in any thread.
-- ``_worker``: ``init_worker`` and ``Worker``, this process's place in the job.
-- ``_trainers``: the trainers ``Worker.trainer`` builds.
+- ``_worker_process``: ``init_worker`` and ``WorkerProcess``, this process's place in the job.
+- ``_trainers``: the trainers ``WorkerProcess.trainer`` builds.
 - ``_checkpoint``: ``Checkpointer``, saving and restoring a run so a restart resumes.
 - ``_horovod``: importing Horovod and broadcasting through it.
 - ``_launcher``: the ``python -m parallel_exec.launch`` command line.
@@ -63,12 +63,12 @@ from ._fail_fast import install_fail_fast
 if _typing.TYPE_CHECKING:
     from ._checkpoint import Checkpoint, Checkpointer
     from ._trainers import DistTrainer, HorovodTrainer
-    from ._worker import Worker, init_worker
+    from ._worker_process import Worker, WorkerProcess, init_worker
 
 __all__ = [
     "Checkpoint",
     "Checkpointer",
-    "Worker",
+    "WorkerProcess",
     "init_worker",
     "install_fail_fast",
     "role_environment",
@@ -76,14 +76,16 @@ __all__ = [
 ]
 
 # Names that need MXNet -> the module that defines them. The trainers are
-# importable, though not in __all__: Worker.trainer builds them.
+# importable, though not in __all__: WorkerProcess.trainer builds them.
 _LAZY = {
     "Checkpoint": "._checkpoint",
     "Checkpointer": "._checkpoint",
     "DistTrainer": "._trainers",
     "HorovodTrainer": "._trainers",
-    "Worker": "._worker",
-    "init_worker": "._worker",
+    "WorkerProcess": "._worker_process",
+    "init_worker": "._worker_process",
+    # Its earlier name; "worker" alone also means an executor's thread.
+    "Worker": "._worker_process",
 }
 
 

@@ -91,7 +91,7 @@ class Checkpointer:
         keep: how many complete checkpoints to keep (at least 1); older ones
             are deleted after each save. Keep 2 or more so that a damaged
             newest file leaves one to fall back on.
-        worker: the ``dist.Worker`` of this process; by default the one
+        worker: the ``dist.WorkerProcess`` of this process; by default the one
             ``init_worker`` joined with a distributed kvstore, else this
             process alone.
         rngs: ``numpy.random.Generator``, ``numpy.random.RandomState`` or
@@ -464,9 +464,9 @@ def _check_trainer_states_are_local(trainer: "mx.gluon.Trainer", kvstore_type: s
 
 
 def _joined_worker() -> Any:
-    from . import _worker
+    from . import _worker_process
 
-    return _worker._worker  # the worker init_worker joined, if any
+    return _worker_process._worker  # the worker init_worker joined, if any
 
 
 def _barrier(worker: Any) -> None:

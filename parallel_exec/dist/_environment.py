@@ -80,7 +80,7 @@ def role_of_process(index: int, *, num_workers: int, num_servers: int) -> Tuple[
 
     Returns:
         ``(role, index_within_role)``. A worker's index is not its kvstore
-        rank: ps-lite assigns ranks itself (``Worker.rank``).
+        rank: ps-lite assigns ranks itself (``WorkerProcess.rank``).
 
     Raises:
         ValueError: ``index`` is outside ``0 .. num_servers + num_workers``.

@@ -1,6 +1,6 @@
 """Gluon trainers whose ``step`` takes this worker's batch, as on one machine.
 
-Built by ``Worker.trainer``, never directly: ``DistTrainer`` on a ps-lite
+Built by ``WorkerProcess.trainer``, never directly: ``DistTrainer`` on a ps-lite
 kvstore, ``HorovodTrainer`` under Horovod.
 """
 
@@ -12,13 +12,13 @@ from .._mxnet import mx
 from ._horovod import import_horovod
 
 if TYPE_CHECKING:
-    from ._worker import Worker
+    from ._worker_process import WorkerProcess
 
 
 class DistTrainer(mx.gluon.Trainer):
     """A ``gluon.Trainer`` whose ``step`` takes this worker's batch size.
 
-    Build it with ``Worker.trainer``. On one machine ``trainer.step(n)``
+    Build it with ``WorkerProcess.trainer``. On one machine ``trainer.step(n)``
     divides the summed gradient by the ``n`` samples it came from. With a
     synchronous distributed kvstore the servers sum the gradients of all
     workers, so the divisor must be the global batch; with ``dist_async``
@@ -27,7 +27,7 @@ class DistTrainer(mx.gluon.Trainer):
     """
 
     def __init__(
-        self, params: Any, optimizer: Any, optimizer_params: Optional[dict], *, worker: "Worker", **kwargs: Any
+        self, params: Any, optimizer: Any, optimizer_params: Optional[dict], *, worker: "WorkerProcess", **kwargs: Any
     ) -> None:
         kvstore = worker.kvstore if worker.kvstore is not None else worker.kvstore_type
         super().__init__(params, optimizer, optimizer_params, kvstore=kvstore, **kwargs)
@@ -52,7 +52,7 @@ class DistTrainer(mx.gluon.Trainer):
 class HorovodTrainer(mx.gluon.Trainer):
     """A ``gluon.Trainer`` that sums gradients over this process's contexts and, with Horovod, over all processes.
 
-    Build it with ``Worker.trainer`` after ``init_worker("horovod")``.
+    Build it with ``WorkerProcess.trainer`` after ``init_worker("horovod")``.
     Horovod's own ``DistributedTrainer`` allreduces only the first context's
     gradient, so with several contexts per process they drift apart
     silently. This one adds up the local contexts' gradients first,

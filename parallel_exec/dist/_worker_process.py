@@ -1,11 +1,11 @@
-"""This process's place in a multi-process job: ``init_worker`` and ``Worker``.
+"""This process's place in a multi-process job: ``init_worker`` and ``WorkerProcess``.
 
 ``init_worker`` joins the job once per process (a ps-lite kvstore, or
-Horovod) and returns the ``Worker``: rank, number of workers, the data
+Horovod) and returns the ``WorkerProcess``: rank, number of workers, the data
 share (``shard``), rank 0's parameters everywhere (``broadcast``) and a
 trainer on the job's kvstore (``trainer``).
 
-Module state: ``_worker``, the one ``Worker`` of a distributed job in this
+Module state: ``_worker``, the one ``WorkerProcess`` of a distributed job in this
 process (ps-lite allows one kvstore per process), guarded by ``_worker_lock``
 and dropped at exit while MXNet still runs.
 """
@@ -27,14 +27,17 @@ from ._trainers import DistTrainer, HorovodTrainer
 
 LOGGER = logging.getLogger("parallel_exec.dist")
 
-# Keys of the parameters broadcast by ``Worker.broadcast``: far above the
+# Keys of the parameters broadcast by ``WorkerProcess.broadcast``: far above the
 # indices 0..n-1 that gluon.Trainer uses on the same kvstore, and ints like
 # them (ps-lite refuses a mix of int and str keys).
 _BROADCAST_KEY_BASE = 1 << 30
 
 
-class Worker:
-    """This process's place in the job: its kvstore, rank and data share.
+class WorkerProcess:
+    """This process's place in the job as one of its worker processes: kvstore, rank, data share.
+
+    A ps-lite (or Horovod) worker is a process; an executor's workers are
+    threads. Hence the name.
 
     Create it with ``init_worker``. With a local kvstore type (``device``,
     ``local``) it is the only worker: rank 0 of 1, ``shard`` returns the
@@ -54,7 +57,7 @@ class Worker:
         self._next_broadcast_key = _BROADCAST_KEY_BASE
 
     def __repr__(self) -> str:
-        return f"<Worker rank {self.rank} of {self.num_workers}, kvstore {self.kvstore_type}>"
+        return f"<WorkerProcess rank {self.rank} of {self.num_workers}, kvstore {self.kvstore_type}>"
 
     @property
     def synchronous(self) -> bool:
@@ -139,11 +142,15 @@ class Worker:
             ValueError: as for ``broadcast``.
         """
         if "kvstore" in kwargs:
-            raise TypeError("Worker.trainer uses the worker's kvstore; do not pass kvstore=")
+            raise TypeError("WorkerProcess.trainer uses the worker's kvstore; do not pass kvstore=")
         self.broadcast(params)
         if self.kvstore_type == "horovod":
             return HorovodTrainer(params, optimizer, optimizer_params, **kwargs)
         return DistTrainer(params, optimizer, optimizer_params, worker=self, **kwargs)
+
+
+# The earlier name, still importable from parallel_exec.dist.
+Worker = WorkerProcess
 
 
 def _initialized_data(param: "mx.gluon.Parameter") -> List["mx.nd.NDArray"]:
@@ -169,17 +176,17 @@ def _parameter_list(params: Any) -> List["mx.gluon.Parameter"]:
     return params
 
 
-_worker: Optional[Worker] = None
+_worker: Optional[WorkerProcess] = None
 # Guards _worker: only one kvstore per process.
 _worker_lock = threading.Lock()
 
 
-def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker:
+def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> WorkerProcess:
     """Join the job as a worker: create the kvstore once, learn the rank.
 
     Call it before training. With a distributed type, later calls with the
-    same type return the same ``Worker`` (ps-lite allows one kvstore per
-    process); a local type gives a new single-worker ``Worker`` each time.
+    same type return the same ``WorkerProcess`` (ps-lite allows one kvstore per
+    process); a local type gives a new single-worker ``WorkerProcess`` each time.
 
     Args:
         kvstore: a distributed type (``dist_sync``, ``dist_device_sync``,
@@ -190,7 +197,7 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
         fail_fast: with a distributed type, install ``install_fail_fast``.
 
     Returns:
-        The ``Worker``: ``rank``, ``num_workers``, ``kvstore``, ``shard``,
+        The ``WorkerProcess``: ``rank``, ``num_workers``, ``kvstore``, ``shard``,
         ``broadcast``, ``trainer``.
 
     Raises:
@@ -201,7 +208,7 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
     """
     global _worker
     if kvstore in LOCAL_KVSTORE_TYPES:
-        return Worker(kvstore)
+        return WorkerProcess(kvstore)
     if kvstore not in KVSTORE_TYPES:
         raise ValueError(f"unknown kvstore type {kvstore!r}; expected one of {', '.join(KVSTORE_TYPES)}")
     if kvstore != "horovod":
@@ -225,15 +232,15 @@ def init_worker(kvstore: str = "dist_sync", *, fail_fast: bool = True) -> Worker
     return _worker
 
 
-def _join_horovod() -> Worker:
+def _join_horovod() -> WorkerProcess:
     hvd = import_horovod()
     hvd.init()
-    return Worker("horovod", hvd.rank(), hvd.size())
+    return WorkerProcess("horovod", hvd.rank(), hvd.size())
 
 
-def _join_ps_lite(kvstore_type: str) -> Worker:
+def _join_ps_lite(kvstore_type: str) -> WorkerProcess:
     kvstore = mx.kv.create(kvstore_type)
-    return Worker(kvstore_type, kvstore.rank, kvstore.num_workers, kvstore)
+    return WorkerProcess(kvstore_type, kvstore.rank, kvstore.num_workers, kvstore)
 
 
 def _leave_job() -> None:
