@@ -15,10 +15,20 @@ Guarantees:
   nothing for ``--timeout`` seconds, and SIGINT/SIGTERM/SIGHUP to the launcher.
 - The job is stopped by signalling each child's process group (each child
   gets its own session): SIGTERM, then SIGKILL after ``--grace`` seconds.
-  No child outlives the launcher, unless the launcher itself is SIGKILLed.
-- Exit status: 0 when every worker started here exited 0; 1 when a child
-  failed or the job stalled, naming the child and how; 128 + N on signal N;
-  2 on bad arguments.
+- No child outlives the launcher, even one killed by SIGKILL: on Linux each
+  child gets SIGKILL from the kernel when the launcher dies (the launcher's
+  own children: a worker command that forks the real program without
+  ``exec`` leaves that one out).
+- With ``--max-restarts K`` a job that failed (not one the launcher was
+  signalled to stop) is stopped as above and started again, whole and on a
+  fresh port, up to K times after a back-off that doubles
+  (``--restart-backoff``); every child finds the attempt (0, 1, ...) in
+  ``PE_RESTART_COUNT`` and K in ``PE_MAX_RESTARTS``, and the launcher says
+  which attempt failed and why. Resuming is the script's part
+  (``dist.Checkpointer``).
+- Exit status: 0 when every worker started here exited 0 (in some attempt);
+  else that of the last attempt: 1 when a child failed or the job stalled,
+  naming the child and how; 128 + N on signal N; 2 on bad arguments.
 - Nothing binds to an address other than loopback unless ``--host`` or
   ``--scheduler`` says so.
 

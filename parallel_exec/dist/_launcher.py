@@ -16,12 +16,14 @@ import sys
 from typing import List, Optional, Sequence
 
 from ._environment import role_environment
+from ._restarts import MAX_RESTARTS_VARIABLE, RESTART_COUNT_VARIABLE, run_with_restarts
 from ._supervisor import Job, Planned
 
 LOGGER = logging.getLogger("parallel_exec.launch")
 
 DEFAULT_PROGRESS_TIMEOUT = 600.0
 DEFAULT_GRACE = 5.0
+DEFAULT_RESTART_BACKOFF = 1.0
 # The scheduler and servers: MXNet turns the process into its role on import.
 _SERVER_COMMAND = [sys.executable, "-c", "import mxnet"]
 
@@ -65,6 +67,21 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--local-workers", type=int, help="workers to start on this machine (default: all)")
     add("--local-servers", type=int, help="servers to start on this machine (default: all)")
     add("--ipc", action="store_true", help="Unix sockets instead of TCP (DMLC_LOCAL=1); whole job on this machine only")
+    add(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="when the job fails, stop it and start the whole job again, up to K times, on a fresh port; "
+        f"the script finds the attempt (0, 1, ...) in ${RESTART_COUNT_VARIABLE} (default %(default)s)",
+    )
+    add(
+        "--restart-backoff",
+        type=float,
+        default=DEFAULT_RESTART_BACKOFF,
+        metavar="SECONDS",
+        help="wait before the first restart, doubled for each later one (default %(default)g)",
+    )
     return parser
 
 
@@ -81,8 +98,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"-n/--num-workers must be at least 1, got {args.num_workers}")
     if args.num_servers < 1:
         parser.error(f"-s/--num-servers must be at least 1 (ps-lite needs a server), got {args.num_servers}")
-    if args.timeout < 0 or args.grace < 0:
-        parser.error("--timeout and --grace must not be negative")
+    if args.timeout < 0 or args.grace < 0 or args.restart_backoff < 0:
+        parser.error("--timeout, --grace and --restart-backoff must not be negative")
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts must not be negative, got {args.max_restarts}")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     _check_placement(parser, args)
@@ -110,15 +129,19 @@ def _check_placement(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     whole_job_here = args.scheduler is None and everything_here
     if args.ipc and not whole_job_here:
         parser.error("--ipc needs the whole job on this machine")
+    if args.max_restarts and not whole_job_here:
+        # Launchers on other machines would restart their parts unaware of each other.
+        parser.error("--max-restarts needs the whole job under this launcher (no --scheduler, --local-*)")
 
 
-def _plan(args: argparse.Namespace) -> List[Planned]:
-    """(role, index, command, environment) of every process to start here."""
+def _plan(args: argparse.Namespace, attempt: int = 0) -> List[Planned]:
+    """(role, index, command, environment) of every process to start here, for attempt 0, 1, ..."""
     if args.scheduler is None:
         scheduler_host, scheduler_port = args.host, args.port or _free_port(args.host)
     else:
         scheduler_host, scheduler_port = args.scheduler
     base = dict(os.environ, PYTHONUNBUFFERED="1")  # children write to a pipe: no block buffering
+    base.update({RESTART_COUNT_VARIABLE: str(attempt), MAX_RESTARTS_VARIABLE: str(args.max_restarts)})
     roles = [("server", i) for i in range(args.local_servers)] + [("worker", i) for i in range(args.local_workers)]
     if args.scheduler is None:
         roles.insert(0, ("scheduler", 0))
@@ -145,5 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[launcher] %(message)s")
-    return Job(_plan(args), args.timeout, args.grace).run()
+    return run_with_restarts(
+        lambda attempt: Job(_plan(args, attempt), args.timeout, args.grace), args.max_restarts, args.restart_backoff
+    )
 

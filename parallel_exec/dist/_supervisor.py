@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
+from ._parent_death import parent_death_hook
+
 LOGGER = logging.getLogger("parallel_exec.launch")
 
 # How long scheduler and servers get to exit on their own once every worker
@@ -104,6 +106,10 @@ class Job:
         self._grace = grace
         self._events: "queue.SimpleQueue" = queue.SimpleQueue()
         self._children: List[_Child] = []
+        #: Why the job failed, once ``run`` returned non-zero.
+        self.failure: Optional[str] = None
+        #: Whether it stopped because the launcher received a signal.
+        self.interrupted = False
 
     def run(self) -> int:
         """Start every child, supervise, stop the rest; return the exit status."""
@@ -116,6 +122,7 @@ class Job:
             failure, status = self._start()
             if failure is None:
                 failure, status = self._supervise()
+            self.failure = failure
             if failure is None:
                 self._stop(first_wait=_FINALIZE_WAIT)
                 LOGGER.info("job finished: every worker exited 0")
@@ -129,6 +136,9 @@ class Job:
                 signal.signal(signum, handler)
 
     def _start(self) -> Tuple[Optional[str], int]:
+        # Called from run(), so from the main thread, which lives as long as
+        # the launcher: the kernel's parent for the parent-death signal.
+        die_with_launcher = parent_death_hook()
         for role, index, command, env in self._plan:
             try:
                 proc = subprocess.Popen(
@@ -139,8 +149,9 @@ class Job:
                     stderr=subprocess.STDOUT,
                     # Its own process group: ended as a whole, spared the terminal's Ctrl-C.
                     start_new_session=True,
+                    preexec_fn=die_with_launcher,  # even a SIGKILLed launcher takes its children along
                 )
-            except OSError as exc:
+            except (OSError, subprocess.SubprocessError) as exc:
                 label = "scheduler" if role == "scheduler" else f"{role} {index}"
                 return f"cannot start {label} ({' '.join(command)}): {exc}", 1
             child = _Child(role, index, proc)
@@ -163,6 +174,7 @@ class Job:
                 stalled = f"no output from any worker for {timeout:g} s; the job looks stalled (raise --timeout if it is slow)"
                 return stalled, 1
             if kind == "signal":
+                self.interrupted = True
                 return f"the launcher received {signal.Signals(payload).name}", 128 + payload
             if kind == "output":
                 self._print(child, payload)
