@@ -30,13 +30,14 @@ from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import _lifecycle
+from ._future import TaskFuture
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._routing import UnknownContextWarner, find_first_ndarray, pick_least_loaded
 from ._state import AutogradState, capture_autograd
 from ._stats import ExecutorStats, WorkerStats
 from ._timeline import Timeline, TracedFuture, task_name
-from ._worker import WorkerSlot, WorkItem, drain_queues, worker_loop
+from ._worker import WorkerSlot, WorkItem, drain_queues, wait_for_workers, worker_loop
 
 
 class BrokenContextExecutor(BrokenExecutor):
@@ -133,7 +134,10 @@ class ContextExecutor(Executor):
             raise TypeError(f"thread_name_prefix must be a str, got {thread_name_prefix!r}")
         prefix = thread_name_prefix or f"ContextExecutor-{self._counter()}"
 
-        self._slots = [WorkerSlot(i, context) for i, context in enumerate(self._contexts)]
+        # Notified when a worker exits, starts or stops waiting at the gate or
+        # inside shutdown. Lock order: after the gate's lock.
+        changed = threading.Condition(threading.Lock())
+        self._slots = [WorkerSlot(i, context, changed) for i, context in enumerate(self._contexts)]
         self._slots_by_context: Dict["mx.Context", List[WorkerSlot]] = {}
         for slot in self._slots:
             self._slots_by_context.setdefault(slot.context, []).append(slot)
@@ -248,7 +252,7 @@ class ContextExecutor(Executor):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         timeline = self._timeline
-        future = Future() if timeline is None else TracedFuture(timeline, task_name(fn))
+        future = TaskFuture() if timeline is None else TracedFuture(timeline, task_name(fn))
         return WorkItem(future, fn, args, kwargs, autograd)
 
     def _enqueue(self, routed: Sequence[Tuple[Optional[List[WorkerSlot]], WorkItem]]) -> None:
@@ -269,7 +273,8 @@ class ContextExecutor(Executor):
                     slot = candidates[0]
                 else:
                     slot = candidates[pick_least_loaded([s.load for s in candidates])]
-                slot.submitted += 1
+                slot.counters.submitted += 1
+                item.future.counters = slot.counters
                 slot.queue.put(item)
 
     def stats(self) -> ExecutorStats:
@@ -283,7 +288,7 @@ class ContextExecutor(Executor):
             ``str()`` of it is a table.
         """
         return ExecutorStats(
-            [WorkerStats.snapshot(s.context, s.index, s.submitted, s.counters) for s in self._slots]
+            [WorkerStats.snapshot(s.context, s.index, s.counters) for s in self._slots]
         )
 
     @contextlib.contextmanager
@@ -330,35 +335,36 @@ class ContextExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; workers exit once their queue is done.
 
-        Idempotent, and safe to call from a task (a worker does not wait
-        for itself).
+        Idempotent, and safe to call from any number of threads, tasks and
+        done-callbacks at once: it never waits for a worker that is waiting
+        for it (``_worker.wait_for_workers``).
 
         Args:
-            wait: block until every worker has exited.
-            cancel_futures: cancel the tasks that have not started.
+            wait: block until every worker has exited, except the caller's
+                own (from a task or a done-callback) and workers that are
+                themselves waiting for the caller.
+            cancel_futures: cancel the tasks that have not started, those
+                held at the serial-init gate included.
         """
         with self._lock:
             self._shutdown = True
             drained = drain_queues(self._slots) if cancel_futures else []
             for slot in self._slots:
                 slot.queue.put(None)
-        for slot, item in drained:  # outside the lock: cancel() runs done-callbacks
-            if item.future.cancel():
-                # cancel() alone leaves the future CANCELLED, which wait() and
-                # as_completed() do not count as done until it is notified; a
-                # worker notifies when it reaches an item, but drained items
-                # never reach one (CPython's ThreadPoolExecutor has this gap).
-                item.future.set_running_or_notify_cancel()
-                slot.counters.dropped_cancelled += 1
+        if cancel_futures:  # outside the lock: cancel() runs done-callbacks
+            held = [slot.running for slot in self._slots]
+            for item in [item for _, item in drained] + [item for item in held if item is not None]:
+                item.future.cancel()  # False for a running task: it goes on
         if wait:
-            current = threading.current_thread()
-            for slot in self._slots:
-                if slot.thread is not None and slot.thread is not current:
-                    slot.thread.join()
+            wait_for_workers(self._slots)
 
     def _disable_after_fork(self) -> None:
         """Called in a forked child, where the workers do not exist."""
         self._lock = threading.Lock()  # the parent's may have been held at fork time
+        changed = threading.Condition(threading.Lock())  # likewise
+        for slot in self._slots:
+            slot.changed = changed
+            slot.exited = True  # shutdown() has no worker to wait for
         self._forked_away_from = os.getppid()
         message = _forked_message(self._forked_away_from)
         stranded = [item for _, item in drain_queues(self._slots)]
@@ -418,8 +424,4 @@ def _break_executor(executor_ref: "weakref.ref[ContextExecutor]", slots: Sequenc
         executor._refuse_new_work(reason)  # first, so nothing is queued after the drain
         del executor
     for slot, item in drain_queues(slots):
-        if item.future.set_running_or_notify_cancel():  # skips cancelled ones
-            slot.counters.dropped_failed += 1
-            item.future.set_exception(BrokenContextExecutor(reason))
-        else:
-            slot.counters.dropped_cancelled += 1
+        item.fail_unrun(slot.counters, BrokenContextExecutor(reason))

@@ -8,6 +8,7 @@ ran its first ``num_workers`` calls inline for the same reason).
 from __future__ import annotations
 
 import threading
+from typing import Callable, Optional
 
 
 class SerialInitGate:
@@ -40,12 +41,16 @@ class SerialInitGate:
         # first task can arrive, so there is nothing left to keep apart.
         self._closed_workers = num_workers
 
-    def enter(self, first: bool) -> bool:
+    def enter(self, first: bool, on_wait: Optional[Callable[[bool], None]] = None) -> bool:
         """Block until the task may run.
 
         Args:
             first: True if this is the worker's first task (no earlier task of
                 that worker has finished without raising).
+            on_wait: called with True before blocking and False after, if the
+                task has to wait (shutdown's waiters need to know who waits
+                here). Called under the gate's lock; it may take a lock that
+                is never held while taking the gate's.
 
         Returns:
             A token to hand to ``leave``: whether the task was counted.
@@ -55,13 +60,24 @@ class SerialInitGate:
         with self._cond:
             if first:
                 self._first_waiting += 1
-                self._cond.wait_for(lambda: not self._solo and self._running == 0)
+                self._wait(lambda: not self._solo and self._running == 0, on_wait)
                 self._first_waiting -= 1
                 self._solo = True
             else:
-                self._cond.wait_for(lambda: not self._solo and self._first_waiting == 0)
+                self._wait(lambda: not self._solo and self._first_waiting == 0, on_wait)
             self._running += 1
             return True
+
+    def _wait(self, ready: Callable[[], bool], on_wait: Optional[Callable[[bool], None]]) -> None:
+        if ready():
+            return
+        if on_wait is not None:
+            on_wait(True)
+        try:
+            self._cond.wait_for(ready)
+        finally:
+            if on_wait is not None:
+                on_wait(False)
 
     def leave(self, first: bool, counted: bool, succeeded: bool) -> None:
         """Record that a task left the gate; wakes the tasks it held back.

@@ -17,7 +17,7 @@ import threading
 import weakref
 from typing import Any, Iterable, Sequence
 
-from . import _mxnet  # noqa: F401  mxnet first: see the atexit comment below
+from . import _forkguard, _mxnet  # noqa: F401  mxnet first: see the atexit comment below
 from ._worker import WorkerSlot
 
 # Every executor not yet collected (duck-typed: ``shutdown`` and
@@ -84,3 +84,4 @@ def _disable_executors_in_forked_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX only
     os.register_at_fork(after_in_child=_disable_executors_in_forked_child)
+_forkguard.install()

@@ -1,11 +1,11 @@
 """Per-worker statistics: counted by each worker, read as immutable snapshots.
 
 Always on, so the per-task cost is a few integer additions and two deque
-appends. Each ``WorkerCounters`` is written only by its own worker thread
-(``submitted`` excepted, see ``_worker.WorkerSlot``); a snapshot reads them
-without a lock, which under the GIL can at worst miss the task that is
-finishing at that instant. Counters are updated before the task's future
-completes, so once a caller has seen a future done, its task is counted.
+appends. A snapshot reads the counters without a lock: under the GIL it can
+at worst miss the task that is finishing at that instant, and it reads them
+in an order that keeps every snapshot consistent (``WorkerStats.snapshot``).
+Counters are updated before the task's future completes, so once a caller
+has seen a future done, its task is counted.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
+import threading
 from typing import Deque, Iterator, Mapping, Sequence, Tuple
 
 from ._mxnet import mx
@@ -21,26 +22,40 @@ _RECENT = 256  # tasks kept for the recent percentiles
 
 
 class WorkerCounters:
-    """The mutable counters of one worker (its thread writes them)."""
+    """The counters of one worker: the only per-worker counts there are.
+
+    Each count has one writer, so none needs a lock on the hot path:
+    ``submitted`` is written under the executor's lock, ``completed``,
+    ``failed`` and the times by the worker thread. The two counts any thread
+    may write (a ``cancel()`` and the tasks failed unrun when an initializer
+    fails) take ``_lock``, a leaf lock held for one addition.
+
+    Every count is added before the task's future completes, so a caller
+    that has seen a future done sees its task counted.
+    """
 
     __slots__ = (
-        "completed", "failed", "cancelled", "dropped_cancelled", "dropped_failed",
+        "submitted", "completed", "failed", "cancelled", "failed_unrun", "_lock",
         "queued_ns", "gate_ns", "running_ns", "recent_queued", "recent_running",
     )
 
     def __init__(self) -> None:
+        self.submitted = 0
         self.completed = 0
         self.failed = 0
-        self.cancelled = 0
-        # Tasks taken off the queue unrun by shutdown(cancel_futures=True) or
-        # a failed initializer: written by that thread, not the worker.
-        self.dropped_cancelled = 0
-        self.dropped_failed = 0
+        self.cancelled = 0  # by cancel() or shutdown(cancel_futures=True)
+        self.failed_unrun = 0  # taken off the queue because an initializer failed
+        self._lock = threading.Lock()
         self.queued_ns = 0
         self.gate_ns = 0
         self.running_ns = 0
         self.recent_queued: Deque[int] = collections.deque(maxlen=_RECENT)
         self.recent_running: Deque[int] = collections.deque(maxlen=_RECENT)
+
+    @property
+    def load(self) -> int:
+        """Tasks queued or running: a stale read is harmless where it is used (routing)."""
+        return self.submitted - self.completed - self.failed - self.cancelled - self.failed_unrun
 
     def add_task(self, queued_ns: int, gate_ns: int, running_ns: int, succeeded: bool) -> None:
         """Count one task that ran (called by the worker, before completing its future)."""
@@ -53,6 +68,16 @@ class WorkerCounters:
         self.running_ns += running_ns
         self.recent_queued.append(queued_ns)
         self.recent_running.append(running_ns)
+
+    def count_cancelled(self) -> None:
+        """Count one task cancelled before it started (from any thread)."""
+        with self._lock:
+            self.cancelled += 1
+
+    def count_failed_unrun(self) -> None:
+        """Count one task failed without running (from any thread)."""
+        with self._lock:
+            self.failed_unrun += 1
 
 
 def _percentile(samples_ns: Sequence[int], fraction: float) -> float:
@@ -76,8 +101,9 @@ class WorkerStats:
         completed: tasks that returned.
         failed: tasks that raised, and tasks failed unrun because an
             initializer failed.
-        cancelled: tasks cancelled before they started, counted when the
-            worker reached them or ``shutdown`` discarded them.
+        cancelled: tasks cancelled before they started (by ``cancel()``,
+            ``shutdown(cancel_futures=True)`` or ``map``), counted when
+            cancelled.
         in_queue: tasks queued or running now: submitted minus completed,
             failed and cancelled.
         queued_seconds: total time tasks waited in the queue.
@@ -105,20 +131,27 @@ class WorkerStats:
     running_p95: float
 
     @classmethod
-    def snapshot(cls, context: "mx.Context", index: int, submitted: int, counters: WorkerCounters) -> "WorkerStats":
-        """Freeze ``counters`` (copying the deques first: the worker appends)."""
+    def snapshot(cls, context: "mx.Context", index: int, counters: WorkerCounters) -> "WorkerStats":
+        """Freeze ``counters`` (copying the deques first: the worker appends).
+
+        The outcomes are read before ``submitted``: every count only grows and
+        a task is submitted before it can end, so ``in_queue`` is never
+        negative, however the worker and submitters run meanwhile.
+        """
         queued = list(counters.recent_queued)
         running = list(counters.recent_running)
-        failed = counters.failed + counters.dropped_failed
-        cancelled = counters.cancelled + counters.dropped_cancelled
+        completed = counters.completed
+        failed = counters.failed + counters.failed_unrun
+        cancelled = counters.cancelled
+        submitted = counters.submitted
         return cls(
             context=context,
             index=index,
             submitted=submitted,
-            completed=counters.completed,
+            completed=completed,
             failed=failed,
             cancelled=cancelled,
-            in_queue=submitted - counters.completed - failed - cancelled,
+            in_queue=submitted - completed - failed - cancelled,
             queued_seconds=counters.queued_ns / 1e9,
             gate_seconds=counters.gate_ns / 1e9,
             running_seconds=counters.running_ns / 1e9,

@@ -22,17 +22,33 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ._future import TaskFuture
 
 LOGGER = logging.getLogger("parallel_exec")
 
 
 def task_name(fn: Callable[..., Any]) -> str:
-    """A readable name for a task's function (``functools.partial`` unwrapped)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    """A readable name for a task's function (``functools.partial`` unwrapped).
+
+    Never raises: a callable's ``__getattr__`` may raise anything (a
+    dict-backed proxy raises ``KeyError``), and naming a task must not fail
+    the task or ``submit``.
+    """
+    try:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        for attribute in ("__qualname__", "__name__"):
+            try:
+                name = getattr(fn, attribute, None)
+            except Exception:
+                continue
+            if isinstance(name, str) and name:
+                return name
+    except Exception:
+        pass
+    return type(fn).__name__
 
 
 class Timeline:
@@ -140,7 +156,7 @@ class Timeline:
             )
 
 
-class TracedFuture(Future):
+class TracedFuture(TaskFuture):
     """A Future that records on the timeline how long callers wait in ``result()``."""
 
     def __init__(self, timeline: Timeline, name: str) -> None:

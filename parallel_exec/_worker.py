@@ -11,9 +11,10 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
+from ._forkguard import begin_task, end_task
+from ._future import TaskFuture
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._state import AutogradState, apply_autograd, capture_autograd, restore_autograd, set_worker_context
@@ -30,7 +31,7 @@ class WorkItem:
 
     def __init__(
         self,
-        future: Future,
+        future: TaskFuture,
         fn: Callable[..., Any],
         args: Tuple[Any, ...],
         kwargs: Mapping[str, Any],
@@ -46,17 +47,24 @@ class WorkItem:
     def run(self, slot: "WorkerSlot", gate: Optional[SerialInitGate]) -> None:
         """Run the call on this thread and complete the future.
 
-        The gate is left and the autograd flags restored before the future is
-        completed, so a caller woken by the result sees the worker ready for
-        its next task.
+        A task waiting at the serial-init gate has not started: its future
+        stays pending, and cancellable, until it passes the gate. The gate is
+        left and the autograd flags restored before the future is completed,
+        so a caller woken by the result sees the worker ready for its next
+        task.
         """
-        if not self.future.set_running_or_notify_cancel():
-            slot.counters.cancelled += 1
-            slot.finished += 1
-            return  # cancelled while queued: not a first task (docs/gate.md)
+        future = self.future
+        if future.cancelled():
+            return  # counted by cancel(); not a first task (docs/gate.md)
         start_ns = time.perf_counter_ns()
         first = not slot.initialized
-        counted = gate.enter(first) if gate is not None else False
+        counted = gate.enter(first, slot.set_gated) if gate is not None else False
+        slot.in_gate = counted
+        if not future.set_running_or_notify_cancel():  # cancelled at the gate
+            if gate is not None:
+                gate.leave(first, counted, succeeded=False)  # not a first task either
+            slot.in_gate = False
+            return
         run_ns = time.perf_counter_ns() if counted else start_ns
         try:
             # A private Context copy: ``Context.__enter__`` stores ``_old_ctx``
@@ -70,13 +78,13 @@ class WorkItem:
                     restore_autograd(slot.own_autograd)
         except BaseException as exc:  # any exception belongs to the future
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
-            self.future.set_exception(exc)
-            # Break the cycle exception -> traceback -> frame -> self.
-            del self
+            future.set_exception(exc)
+            # Break the cycle exception -> traceback -> this frame -> future.
+            del self, future
         else:
             slot.initialized = True
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=True)
-            self.future.set_result(result)
+            future.set_result(result)
 
     def _finish(
         self,
@@ -91,50 +99,102 @@ class WorkItem:
         """Leave the gate and account for the task, before its future completes.
 
         So a caller woken by the future sees this worker's load without the
-        task, and its statistics with it.
+        task, and its statistics with it. Never raises: whatever happens
+        here, the future must still complete.
         """
         end_ns = time.perf_counter_ns()
-        if gate is not None:
-            gate.leave(first, counted, succeeded)
-        slot.finished += 1
-        slot.counters.add_task(start_ns - self.submit_ns, run_ns - start_ns, end_ns - run_ns, succeeded)
-        timeline = slot.timeline
-        if timeline is not None:
-            timeline.add_task(task_name(self.fn), self.submit_ns, start_ns, run_ns, end_ns, succeeded)
+        try:
+            if gate is not None:
+                gate.leave(first, counted, succeeded)
+            slot.in_gate = False
+            slot.counters.add_task(start_ns - self.submit_ns, run_ns - start_ns, end_ns - run_ns, succeeded)
+            timeline = slot.timeline
+            if timeline is not None:
+                timeline.add_task(task_name(self.fn), self.submit_ns, start_ns, run_ns, end_ns, succeeded)
+        except Exception:  # a bug of this package; the future completes anyway
+            LOGGER.critical("Exception accounting for a task in %s", threading.current_thread().name, exc_info=True)
+
+    def fail_unrun(self, counters: WorkerCounters, exc: BaseException) -> None:
+        """Complete the future of an item taken off a queue unrun with ``exc``.
+
+        The one way such futures end, whatever took them off (shutdown with
+        ``cancel_futures`` cancels them instead, through ``cancel()``).
+        """
+        if self.future.set_running_or_notify_cancel():  # False: cancelled, counted already
+            counters.count_failed_unrun()
+            self.future.set_exception(exc)
 
 
 class WorkerSlot:
     """One worker's state.
 
-    ``submitted`` is written only by submitting threads (under the
-    executor's lock) and ``finished`` only by the worker thread, before it
-    completes the task's future; so each counter has a single writer, and
-    their difference is the worker's load.
+    Shutdown's waiters (``wait_for_workers``) watch ``exited``, ``stopping``
+    and ``gated`` under ``changed``, a condition shared by the executor's
+    slots; the worker thread writes them, except ``stopping``, written by
+    the worker's own thread from inside ``shutdown``.
     """
 
     __slots__ = (
-        "index", "context", "pinned_context", "queue", "thread", "submitted", "finished", "initialized", "running",
-        "own_autograd", "counters", "timeline",
+        "index", "context", "pinned_context", "queue", "thread", "initialized", "running", "own_autograd",
+        "counters", "timeline", "changed", "exited", "stopping", "gated", "in_gate",
     )
 
-    def __init__(self, index: int, context: "mx.Context") -> None:
+    def __init__(self, index: int, context: "mx.Context", changed: threading.Condition) -> None:
         self.index = index
         self.context = context
         self.pinned_context = mx.Context(context)
         self.queue: "queue.SimpleQueue[Optional[WorkItem]]" = queue.SimpleQueue()
         self.thread: Optional[threading.Thread] = None
-        self.submitted = 0
-        self.finished = 0
         self.initialized = False  # its first task has finished without raising
-        self.running: Optional[WorkItem] = None  # the item being run, for fork clean-up
+        self.running: Optional[WorkItem] = None  # the item taken off the queue, until it is done
         self.own_autograd = AutogradState(False, False)  # the worker's flags between tasks
         self.counters = WorkerCounters()
         self.timeline: Optional[Timeline] = None  # set while a recording is active
+        self.changed = changed  # notified whenever one of the three below changes
+        self.exited = False  # the worker has left its loop
+        self.stopping = 0  # calls to shutdown(wait=True) running in this worker's thread
+        self.gated = False  # waiting at the serial-init gate
+        self.in_gate = False  # its running task was counted by the gate
 
     @property
     def load(self) -> int:
         """Tasks queued or running on this worker."""
-        return self.submitted - self.finished
+        return self.counters.load
+
+    def set_gated(self, gated: bool) -> None:
+        """Called by the gate when this worker starts and stops waiting there."""
+        with self.changed:
+            self.gated = gated
+            self.changed.notify_all()
+
+
+def wait_for_workers(slots: Sequence[WorkerSlot]) -> None:
+    """Block until every worker that is not waiting for the caller has exited.
+
+    Called by ``shutdown(wait=True)``. From a worker's own thread (a task or
+    a done-callback calling shutdown) it does not wait for that worker, nor
+    for workers inside ``shutdown`` themselves (each would wait for the
+    other), nor, while the caller's task holds the serial-init gate, for
+    workers waiting at it.
+    """
+    current = threading.current_thread()
+    me = next((slot for slot in slots if slot.thread is current), None)
+    if me is None:
+        with slots[0].changed:
+            slots[0].changed.wait_for(lambda: all(slot.exited for slot in slots))
+    else:
+        with me.changed:
+            me.stopping += 1
+            me.changed.notify_all()
+            try:
+                me.changed.wait_for(lambda: all(
+                    slot is me or slot.exited or slot.stopping or (slot.gated and me.in_gate) for slot in slots
+                ))
+            finally:
+                me.stopping -= 1
+    for slot in slots:
+        if slot.exited and slot.thread is not None and slot.thread is not current:
+            slot.thread.join()  # it has left its loop: returns at once
 
 
 def worker_loop(
@@ -162,17 +222,22 @@ def worker_loop(
         except BaseException:
             LOGGER.critical("Exception in initializer of %s", threading.current_thread().name, exc_info=True)
             on_initializer_failure()
+            with slot.changed:
+                slot.exited = True
+                slot.changed.notify_all()
             return
     slot.own_autograd = capture_autograd()  # as the initializer left them
     work_queue = slot.queue
+    ident = threading.get_ident()
     try:
         while True:
             item = work_queue.get()
             if item is None:
                 return
             slot.running = item
+            begin_task(ident)  # holds here while os.fork() runs
             try:
-                item.run(slot, gate)  # counts itself in slot.finished
+                item.run(slot, gate)
             except BaseException:
                 # The future is complete by now: what escapes is a done-callback's
                 # KeyboardInterrupt or SystemExit (Future catches and logs only
@@ -180,10 +245,15 @@ def worker_loop(
                 # ending the loop would strand every task queued here.
                 LOGGER.critical("Exception in a done-callback, in worker %s", threading.current_thread().name,
                                 exc_info=True)
+            end_task(ident)
             slot.running = None
             del item  # do not keep the task's arguments alive while idle
     except BaseException:  # only a bug in this module can get here
         LOGGER.critical("Exception in worker %s", threading.current_thread().name, exc_info=True)
+    finally:
+        with slot.changed:
+            slot.exited = True
+            slot.changed.notify_all()
 
 
 def drain_queues(slots: Sequence[WorkerSlot]) -> List[Tuple[WorkerSlot, WorkItem]]:

@@ -79,9 +79,9 @@ def arrivals(monkeypatch):
     log = GateArrivals()
 
     class RecordingGate(SerialInitGate):
-        def enter(self, first):
+        def enter(self, first, on_wait=None):
             log.record(pe.current_context())
-            return super().enter(first)
+            return super().enter(first, on_wait)
 
     monkeypatch.setattr(_executor, "SerialInitGate", RecordingGate)
     return log

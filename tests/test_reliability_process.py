@@ -194,7 +194,9 @@ def test_executor_inherited_through_fork_fails_clearly_in_the_child_and_never_ha
         import os
         import mxnet as mx
         import parallel_exec as pe
+        from parallel_exec import _forkguard
 
+        _forkguard.FORK_WAIT_SECONDS = 0.1  # the parked task waits for the parent: fork without it
         ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)], serial_init=False)
         started, release = threading.Event(), threading.Event()
         running = ex.submit_to(mx.cpu(0), lambda: started.set() or release.wait(30) and "parked")

@@ -7,6 +7,8 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+from parallel_exec import _executor
+from parallel_exec._gate import SerialInitGate
 
 from conftest import CPU2, TIMEOUT
 
@@ -65,7 +67,26 @@ def test_times_are_consistent_with_a_task_that_blocks():
     assert 0.0 <= after.queued_p50 <= after.queued_p95 <= after.queued_seconds
 
 
-def test_gate_time_is_counted_for_tasks_held_by_a_first_task():
+def gate_waits_signalled(monkeypatch):
+    """Patch the executor's gate so that an Event is set once a task blocks at it."""
+    blocked = threading.Event()
+
+    class SignallingGate(SerialInitGate):
+        def enter(self, first, on_wait=None):
+            def signal(waiting):
+                if on_wait is not None:
+                    on_wait(waiting)
+                if waiting:
+                    blocked.set()
+
+            return super().enter(first, signal)
+
+    monkeypatch.setattr(_executor, "SerialInitGate", SignallingGate)
+    return blocked
+
+
+def test_gate_time_is_counted_for_tasks_held_by_a_first_task(monkeypatch):
+    blocked = gate_waits_signalled(monkeypatch)
     with pe.ContextExecutor(CPU2) as ex:
         inside = threading.Event()
         release = threading.Event()
@@ -77,10 +98,8 @@ def test_gate_time_is_counted_for_tasks_held_by_a_first_task():
         a = ex.submit_to(mx.cpu(0), first_on_cpu0)
         assert inside.wait(TIMEOUT)
         b = ex.submit_to(mx.cpu(1), _ok)  # cpu(1)'s first task waits at the gate
-        deadline = time.monotonic() + TIMEOUT
-        while not b.running():  # its worker has taken it: the gate wait starts now
-            assert time.monotonic() < deadline, "cpu(1)'s worker never took its first task"
-            time.sleep(0.001)
+        assert blocked.wait(TIMEOUT)
+        assert not b.running()  # held at the gate: not started
         time.sleep(0.03)  # the gate time below is at least this, less a moment
         release.set()
         a.result(TIMEOUT)

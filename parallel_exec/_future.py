@@ -1,0 +1,61 @@
+"""``TaskFuture``: the future every executor task gets.
+
+It differs from ``concurrent.futures.Future`` in one respect: ``cancel()``
+counts the cancellation in its worker's statistics and tells ``wait()`` and
+``as_completed()`` at once. A plain ``Future`` cancelled while queued stays
+invisible to them until a worker reaches it (``ThreadPoolExecutor`` shares
+that gap).
+
+This reimplements ``Future.cancel`` on the private ``_state``,
+``_condition`` and ``_invoke_callbacks`` of ``concurrent/futures/_base.py``,
+unchanged from CPython 3.8 to 3.13 (checked against 3.11);
+``tests/test_future.py`` checks the behaviour it relies on.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, _base
+from typing import Optional, Protocol
+
+
+class CancelCounter(Protocol):
+    """Where a cancellation is counted (``_stats.WorkerCounters``)."""
+
+    def count_cancelled(self) -> None: ...
+
+
+class TaskFuture(Future):
+    """A ``Future`` whose cancellation is counted and seen by waiters at once.
+
+    Attributes:
+        counters: the statistics of the worker the task was routed to; set
+            by the executor before anyone else can see the future.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counters: Optional[CancelCounter] = None
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not started; return whether it is cancelled."""
+        with self._condition:
+            if self._state != _base.PENDING:
+                return self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
+            self._state = _base.CANCELLED
+            self._condition.notify_all()
+        if self.counters is not None:
+            self.counters.count_cancelled()  # before anyone can see it done
+        self.set_running_or_notify_cancel()  # wakes wait() and as_completed() now
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # private, see the module docstring
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """As ``Future``'s, but a second call on a cancelled future returns False.
+
+        ``cancel`` already notified the waiters, so the worker that reaches
+        the item later must not fail with "Future in unexpected state".
+        """
+        with self._condition:  # an RLock: the base method takes it again
+            if self._state == _base.CANCELLED_AND_NOTIFIED:
+                return False
+            return super().set_running_or_notify_cancel()
