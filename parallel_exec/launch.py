@@ -12,7 +12,12 @@ Guarantees:
 - The first child that exits with a non-zero status, or that is killed,
   stops the job: ps-lite never notices a dead peer, so without this every
   other process would wait forever. So does a job whose workers print
-  nothing for ``--timeout`` seconds, and SIGINT/SIGTERM/SIGHUP to the launcher.
+  nothing for ``--timeout`` seconds, SIGINT/SIGTERM/SIGHUP to the launcher,
+  and the launcher's own stdout failing (``| head -1``).
+- Every Python process of a worker ends at its first uncaught exception, in
+  any thread, after printing the traceback (``--no-fail-fast`` turns it off):
+  ``dist/_site/sitecustomize.py``, first on the workers' ``PYTHONPATH``, does
+  it and reports the worker's ps-lite rank, which then labels its output.
 - The job is stopped by signalling each child's process group (each child
   gets its own session): SIGTERM, then SIGKILL after ``--grace`` seconds.
 - No child outlives the launcher, even one killed by SIGKILL: on Linux each
@@ -27,8 +32,8 @@ Guarantees:
   which attempt failed and why. Resuming is the script's part
   (``dist.Checkpointer``).
 - Exit status: 0 when every worker started here exited 0 (in some attempt);
-  else that of the last attempt: 1 when a child failed or the job stalled,
-  naming the child and how; 128 + N on signal N; 2 on bad arguments.
+  else that of the last attempt: 1 when a child failed, the job stalled or
+  the launcher's output closed, naming the child and how; 128 + N on signal N; 2 on bad arguments.
 - Nothing binds to an address other than loopback unless ``--host`` or
   ``--scheduler`` says so.
 

@@ -104,8 +104,8 @@ def test_two_workers_train_like_one_process_on_all_their_contexts(tmp_path, kvst
     assert "job finished: every worker exited 0" in proc.stderr
     assert not _alive(pids)
     assert_trained_like(reference_params, tmp_path)
-    # Output is streamed, prefixed by who wrote it.
-    assert re.search(r"^\[worker [01]\] rank [01] step 9 loss", proc.stdout, re.MULTILINE)
+    # Output is streamed, labelled by launch index and, once it is known, rank.
+    assert re.search(r"^\[worker [01](, rank [01])?\] rank [01] step 9 loss", proc.stdout, re.MULTILINE)
 
 
 def assert_trained_like(reference_params, out):
@@ -136,8 +136,8 @@ def test_horovod_two_processes_train_like_one_process_on_all_their_contexts(tmp_
 @pytest.mark.parametrize(
     "fail, reason",
     [
-        pytest.param("raise", r"worker [01] \(pid \d+\) exited with status 1", id="raise"),
-        pytest.param("kill", r"worker [01] \(pid \d+\) was killed by SIGKILL", id="kill"),
+        pytest.param("raise", r"worker [01], rank 1 \(pid \d+\) exited with status 1", id="raise"),
+        pytest.param("kill", r"worker [01], rank 1 \(pid \d+\) was killed by SIGKILL", id="kill"),
         pytest.param("stall", r"no output from any worker for 8 s", id="stall"),
     ],
 )
@@ -151,6 +151,109 @@ def test_a_failing_worker_stops_the_whole_job(tmp_path, fail, reason):
     assert not list(tmp_path.glob("params-rank*.npz"))
     if fail == "raise":
         assert "RuntimeError: injected failure in a task" in proc.stdout
+
+
+# A plain ps-lite worker: no parallel_exec. Rank 1 raises at step 2 (in the
+# main thread or another) while rank 0 waits in pull for its push. A
+# heartbeat until then keeps a short --timeout from firing on a slow start.
+PLAIN_WORKER = """
+import sys, threading
+joined = threading.Event()
+
+def heartbeat():
+    while not joined.wait(0.5):
+        print("starting", flush=True)
+
+threading.Thread(target=heartbeat, daemon=True).start()
+import mxnet as mx
+
+where = sys.argv[1]
+kv = mx.kv.create("dist_sync")
+kv.init(3, mx.nd.ones((2,)))
+out = mx.nd.zeros((2,))
+joined.set()
+
+def fail():
+    raise RuntimeError(f"plain worker failed in {where}")
+
+for step in range(5):
+    if step == 2 and kv.rank == 1:
+        if where == "thread":
+            threading.Thread(target=fail, name="failing").start()
+            threading.Event().wait()
+        fail()
+    kv.push(3, mx.nd.ones((2,)))
+    kv.pull(3, out=out)
+    out.wait_to_read()
+"""
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_plain_ps_lite_worker_that_raises_ends_its_job(where):
+    # Without the launcher's fail-fast hook the worker that raised hangs in
+    # MXNet's exit handlers (main) or runs on (thread): the job would end only
+    # at the --timeout, which is longer than this test's.
+    proc, pids = run_launcher("--ipc", "-n", 2, "--timeout", 600, "--", sys.executable, "-c", PLAIN_WORKER, where)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    # Its ps-lite rank labels the worker once known.
+    assert re.search(r"job failed: worker [01], rank 1 \(pid \d+\) exited with status 1", proc.stderr), proc.stderr
+    assert f"RuntimeError: plain worker failed in {where}" in proc.stdout
+    assert ("thread failing" if where == "thread" else "the main thread") in proc.stdout
+    assert not _alive(pids)
+
+
+def test_no_fail_fast_leaves_a_raising_worker_to_the_timeout():
+    command = [sys.executable, "-c", PLAIN_WORKER, "main"]
+    proc, pids = run_launcher("--ipc", "-n", 2, "--timeout", 8, "--no-fail-fast", "--", *command)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "RuntimeError: plain worker failed in main" in proc.stdout
+    assert "job failed: no output from any worker for 8 s" in proc.stderr
+    assert not _alive(pids)
+
+
+# Draws a progress bar as tqdm does (redrawn with \r, block characters)
+# without joining any kvstore, and writes bytes so that its own stdout's
+# encoding does not matter.
+BAR_WORKER = """
+import sys
+for percent in range(0, 101, 10):
+    sys.stdout.buffer.write(("\\r" + "\\u2588" * (percent // 10) + f" {percent}%").encode())
+    sys.stdout.buffer.flush()
+sys.stdout.buffer.write(b"\\ndone\\n")
+"""
+
+
+def test_a_worker_that_never_joins_with_a_progress_bar_on_an_ascii_stdout(monkeypatch):
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")  # the launcher's stdout cannot encode the bar
+    proc, pids = run_launcher("--ipc", "-n", 1, "--", sys.executable, "-c", BAR_WORKER)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The bar is one line in its last state, its blocks escaped.
+    assert proc.stdout.splitlines() == ["[worker 0] " + "\\u2588" * 10 + " 100%", "[worker 0] done"]
+    # The user forgot --kvstore dist_sync: each worker trained alone.
+    assert "no worker joined a distributed kvstore" in proc.stderr
+    assert not _alive(pids)
+
+
+def test_the_launcher_stops_the_job_when_its_output_closes():
+    # As with `| head -1`: the reader goes away after one line.
+    talk = "import itertools\nfor i in itertools.count(): print(i, flush=True)"
+    command = [sys.executable, "-m", "parallel_exec.launch", "-n", "1", "--ipc", "--", sys.executable, "-c", talk]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+    try:
+        proc.stdout.readline()  # the module's timeout guards this
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        proc.wait(JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 1, stderr
+    assert "job failed: the launcher's output is closed (BrokenPipeError)" in stderr
+    pids = _started_pids(stderr)
+    assert len(pids) == 3
+    assert not _alive(pids)
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
@@ -187,6 +290,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     [
         (["-n", "0", "--", "python", "train.py"], "-n/--num-workers must be at least 1, got 0"),
         (["-n", "2"], "missing the command to run"),
+        (["-n", "2", "python", "train.py", "--kvstore", "dist_sync"], "did you forget `--` before the workers'"),
         (["-n", "2", "--"], "missing the command to run: put it after --"),
         (["--", "python"], "the following arguments are required: -n/--num-workers"),
         (["-n", "2", "-s", "0", "--", "python"], "ps-lite needs a server"),
@@ -205,7 +309,9 @@ def test_launcher_help_lists_its_options(capsys):
         launch.main(["--help"])
     assert excinfo.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--num-workers", "--num-servers", "--timeout", "--grace", "--host", "--scheduler", "--ipc"):
+    assert "[--no-fail-fast] -- COMMAND [ARG ...]" in " ".join(out.split())  # the usage line, however wrapped
+    options = ["--num-workers", "--num-servers", "--timeout", "--grace", "--host", "--scheduler", "--ipc"]
+    for option in [*options, "--no-fail-fast"]:
         assert option in out, option
 
 
@@ -346,6 +452,32 @@ def test_every_public_name_resolves():
     # Old names stay importable, though not in dist.__all__.
     assert dist.DIST_KVSTORE_TYPES == ("dist_sync", "dist_device_sync", "dist_async")
     assert issubclass(dist.HorovodTrainer, mx.gluon.Trainer)
+
+
+@pytest.mark.parametrize("fail_fast", ["1", "0"])
+def test_worker_start_up_hook_fails_fast_and_runs_the_sitecustomize_it_hides(tmp_path, fail_fast):
+    # What the launcher puts first on a worker's PYTHONPATH; the user's own
+    # sitecustomize still runs.
+    site = Path(dist.__file__).parent / "_site"
+    (tmp_path / "sitecustomize.py").write_text("print('user sitecustomize ran', flush=True)\n")
+    program = """
+import threading
+def fail():
+    raise RuntimeError("boom in a thread")
+thread = threading.Thread(target=fail, name="failing")
+thread.start()
+thread.join()
+print("survived", flush=True)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(tmp_path)]), PARALLEL_EXEC_FAIL_FAST=fail_fast)
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert proc.stdout.startswith("user sitecustomize ran\n")
+    assert "RuntimeError: boom in a thread" in proc.stderr
+    if fail_fast == "1":
+        assert (proc.returncode, "survived" in proc.stdout) == (1, False)
+        assert "uncaught exception in thread failing" in proc.stderr
+    else:  # --no-fail-fast: Python's default hook
+        assert (proc.returncode, "survived" in proc.stdout) == (0, True)
 
 
 # -- role_environment: pure ---------------------------------------------------

@@ -8,12 +8,13 @@ machine with which ``DMLC_*`` environment, and hands that plan to
 from __future__ import annotations
 
 import argparse
+import io
 import ipaddress
 import logging
 import os
 import socket
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ._environment import role_environment
 from ._restarts import MAX_RESTARTS_VARIABLE, RESTART_COUNT_VARIABLE, run_with_restarts
@@ -26,6 +27,10 @@ DEFAULT_GRACE = 5.0
 DEFAULT_RESTART_BACKOFF = 1.0
 # The scheduler and servers: MXNet turns the process into its role on import.
 _SERVER_COMMAND = [sys.executable, "-c", "import mxnet"]
+# Put first on each worker's PYTHONPATH: its sitecustomize installs fail-fast
+# and reports the ps-lite rank in every Python process of the worker.
+_SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
+_EXAMPLE = "python -m parallel_exec.launch -n 2 -- python train.py --kvstore dist_sync"
 
 
 def _is_loopback(host: str) -> bool:
@@ -49,7 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="python -m parallel_exec.launch",
         description="Run a ps-lite (MXNet distributed kvstore) job: scheduler, servers and workers, "
         "supervised: the first failure stops every process.",
-        epilog="example: python -m parallel_exec.launch -n 2 -- python examples/train_digits.py --kvstore dist_sync",
+        epilog="The workers run COMMAND, given after --. "
+        "Example: python -m parallel_exec.launch -n 2 -- python examples/train_digits.py --kvstore dist_sync",
     )
     add = parser.add_argument
     add("-n", "--num-workers", type=int, required=True, help="worker processes in the whole job")
@@ -82,6 +88,15 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait before the first restart, doubled for each later one (default %(default)g)",
     )
+    add(
+        "--no-fail-fast",
+        dest="fail_fast",
+        action="store_false",
+        help="do not end a Python worker at its first uncaught exception in any thread (then a worker that "
+        "raised may hang until --timeout)",
+    )
+    # argparse's usage line knows only the options; the command follows --.
+    parser.usage = parser.format_usage().replace("usage: ", "", 1).rstrip() + " -- COMMAND [ARG ...]"
     return parser
 
 
@@ -90,10 +105,15 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = _build_parser()
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    args = parser.parse_args(argv[:split])  # first, so that --help works
+    args, stray = parser.parse_known_args(argv[:split])  # first, so that --help works
+    if stray:
+        parser.error(
+            f"unrecognized arguments: {' '.join(stray)}; did you forget `--` before the workers' command? "
+            f"e.g. {_EXAMPLE}"
+        )
     args.command = argv[split + 1 :]
     if not args.command:
-        parser.error("missing the command to run: put it after --, e.g. -- python train.py")
+        parser.error(f"missing the command to run: put it after --, e.g. {_EXAMPLE}")
     if args.num_workers < 1:
         parser.error(f"-n/--num-workers must be at least 1, got {args.num_workers}")
     if args.num_servers < 1:
@@ -152,12 +172,24 @@ def _plan(args: argparse.Namespace, attempt: int = 0) -> List[Planned]:
             role, num_workers=args.num_workers, num_servers=args.num_servers, scheduler_host=scheduler_host,
             scheduler_port=scheduler_port, node_host=args.host, unix_sockets=args.ipc,
         ))  # fmt: skip
+        if role == "worker":
+            env.update(_worker_site_environment(env, args.fail_fast))
         plan.append((role, index, list(args.command) if role == "worker" else list(_SERVER_COMMAND), env))
     LOGGER.info(
         "job: scheduler %s:%d, %d of %d servers and %d of %d workers here",
         scheduler_host, scheduler_port, args.local_servers, args.num_servers, args.local_workers, args.num_workers,
     )  # fmt: skip
     return plan
+
+
+def _worker_site_environment(env: Dict[str, str], fail_fast: bool) -> Dict[str, str]:
+    """The variables that make a Python worker run ``_site/sitecustomize.py`` first."""
+    user_path = env.get("PYTHONPATH")
+    return {
+        # An empty entry would add the current directory: only append a real one.
+        "PYTHONPATH": _SITE_DIR + (os.pathsep + user_path if user_path else ""),
+        "PARALLEL_EXEC_FAIL_FAST": "1" if fail_fast else "0",
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -168,6 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[launcher] %(message)s")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Workers' output may hold characters this stdout cannot encode (a
+        # progress bar's blocks under PYTHONIOENCODING=ascii): escape them.
+        sys.stdout.reconfigure(errors="backslashreplace")
     return run_with_restarts(
         lambda attempt: Job(_plan(args, attempt), args.timeout, args.grace), args.max_restarts, args.restart_backoff
     )

@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +29,9 @@ _FINALIZE_WAIT = 30.0
 # How long a child's exit waits for the rest of its output; bounded because
 # a grandchild may hold the pipe open.
 _OUTPUT_DRAIN_SECONDS = 5.0
-_LINE_END = re.compile(rb"[\r\n]")  # \r too: progress bars redraw with it
+# A line redrawn in place (a progress bar, with \r) is printed in its last
+# state when it ends, and meanwhile at most once per this many seconds.
+REDRAW_INTERVAL = 10.0
 # (role, index within the role here, command, environment) of one child.
 Planned = Tuple[str, int, List[str], Dict[str, str]]
 
@@ -40,30 +41,66 @@ class _Child:
 
     def __init__(self, role: str, index: int, proc: "subprocess.Popen[bytes]") -> None:
         self.role = role
-        self.label = "scheduler" if role == "scheduler" else f"{role} {index}"
+        self.index = index
         self.proc = proc
+        self.rank: Optional[int] = None  # a worker's ps-lite rank, once it reported it
         self.exited = threading.Event()  # set once its exit and output are reported
 
+    @property
+    def label(self) -> str:
+        if self.role == "scheduler":
+            return "scheduler"
+        rank = "" if self.rank is None else f", rank {self.rank}"
+        return f"{self.role} {self.index}{rank}"
 
-def _read_output(child: _Child, events: "queue.SimpleQueue") -> None:
-    """Post the child's output as ("output", child, lines) events until EOF."""
+
+def _last_drawn(line: bytes) -> bytes:
+    """What a terminal shows of a line redrawn with carriage returns."""
+    drawn = [part for part in line.split(b"\r") if part]
+    return drawn[-1] if drawn else b""
+
+
+def _read_output(child: _Child, events: "queue.SimpleQueue", redraw_interval: float = REDRAW_INTERVAL) -> None:
+    """Post the child's output as ("output", child, lines) events until EOF.
+
+    A line redrawn with ``\r`` is posted once, in its last state; while it is
+    being redrawn, its current state at most every ``redraw_interval`` s.
+    """
     stream = cast(io.BufferedReader, child.proc.stdout)  # Popen(stdout=PIPE): buffered binary
     pending = b""
+    shown_at = time.monotonic()
     while True:
         chunk = stream.read1(65536)
         if not chunk:
             break
-        *lines, pending = _LINE_END.split(pending + chunk)
-        # Posted even without a complete line: any output counts as progress.
-        events.put(("output", child, [line.decode(errors="replace") for line in lines if line]))
+        *lines, pending = (pending + chunk).split(b"\n")
+        pending = _last_drawn(pending)
+        shown = [_last_drawn(line) for line in lines]
+        if pending and not lines and time.monotonic() - shown_at >= redraw_interval:
+            shown.append(pending)  # a progress bar: a snapshot now and then
+        if shown:
+            shown_at = time.monotonic()
+        # Posted even without a line to show: any output counts as progress.
+        events.put(("output", child, [line.decode(errors="replace") for line in shown if line]))
     if pending:
         events.put(("output", child, [pending.decode(errors="replace")]))
 
 
-def _wait_for_exit(child: _Child, reader: threading.Thread, events: "queue.SimpleQueue") -> None:
-    """Post ("exit", child, returncode) after the child's last output."""
+def _read_reports(child: _Child, fd: int, events: "queue.SimpleQueue") -> None:
+    """Post ("rank", child, rank) when the worker's start-up hook reports it (see ``_site``)."""
+    with open(fd, "rb") as reports:
+        for line in reports:
+            words = line.split()
+            if len(words) == 2 and words[0] == b"rank" and words[1].isdigit():
+                events.put(("rank", child, int(words[1])))
+
+
+def _wait_for_exit(child: _Child, readers: Sequence[threading.Thread], events: "queue.SimpleQueue") -> None:
+    """Post ("exit", child, returncode) after the child's last output and report."""
     returncode = child.proc.wait()
-    reader.join(_OUTPUT_DRAIN_SECONDS)  # so a traceback is printed before the failure
+    deadline = time.monotonic() + _OUTPUT_DRAIN_SECONDS
+    for reader in readers:  # so a traceback is printed, and the rank known, before the failure
+        reader.join(max(0.0, deadline - time.monotonic()))
     child.exited.set()
     events.put(("exit", child, returncode))
 
@@ -81,6 +118,16 @@ def _describe_exit(returncode: int) -> str:
         except ValueError:
             return f"was killed by signal {-returncode}"
     return f"exited with status {returncode}"
+
+
+def _discard_stdout() -> None:
+    """Point fd 1 at /dev/null, so that later writes and the exit flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no descriptor: nothing to flush at exit
+        pass
 
 
 def _signal_group(child: _Child, signum: int) -> None:
@@ -110,6 +157,7 @@ class Job:
         self.failure: Optional[str] = None
         #: Whether it stopped because the launcher received a signal.
         self.interrupted = False
+        self._output_error: Optional[str] = None  # why printing to stdout failed
 
     def run(self) -> int:
         """Start every child, supervise, stop the rest; return the exit status."""
@@ -119,13 +167,17 @@ class Job:
             # SimpleQueue.put is reentrant, so a handler may call it.
             signal.signal(signum, lambda signum, frame: self._events.put(("signal", None, signum)))
         try:
-            failure, status = self._start()
-            if failure is None:
-                failure, status = self._supervise()
+            try:
+                failure, status = self._start()
+                if failure is None:
+                    failure, status = self._supervise()
+            except BaseException:  # a bug here must not orphan the job
+                LOGGER.exception("the launcher failed; stopping the job")
+                self._stop(first_wait=0.0)
+                raise
             self.failure = failure
             if failure is None:
-                self._stop(first_wait=_FINALIZE_WAIT)
-                LOGGER.info("job finished: every worker exited 0")
+                self._finish()
             else:
                 LOGGER.error("stopping the job: %s", failure)
                 self._stop(first_wait=0.0)
@@ -141,25 +193,48 @@ class Job:
         die_with_launcher = parent_death_hook()
         for role, index, command, env in self._plan:
             try:
-                proc = subprocess.Popen(
-                    command,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    # Its own process group: ended as a whole, spared the terminal's Ctrl-C.
-                    start_new_session=True,
-                    preexec_fn=die_with_launcher,  # even a SIGKILLed launcher takes its children along
-                )
+                child = self._spawn(role, index, command, env, die_with_launcher)
             except (OSError, subprocess.SubprocessError) as exc:
                 label = "scheduler" if role == "scheduler" else f"{role} {index}"
                 return f"cannot start {label} ({' '.join(command)}): {exc}", 1
-            child = _Child(role, index, proc)
             self._children.append(child)
-            LOGGER.info("started %s (pid %d)", child.label, proc.pid)
-            reader = _start_thread(_read_output, child, self._events, name=f"read[{child.label}]")
-            _start_thread(_wait_for_exit, child, reader, self._events, name=f"wait[{child.label}]")
+            LOGGER.info("started %s (pid %d)", child.label, child.proc.pid)
         return None, 0
+
+    def _spawn(
+        self, role: str, index: int, command: List[str], env: Dict[str, str], preexec: Optional[Callable[[], None]]
+    ) -> _Child:
+        """Start one child and the threads that watch it."""
+        # A worker's start-up hook reports its ps-lite rank on this pipe.
+        report_read, report_write = os.pipe() if role == "worker" else (-1, -1)
+        if role == "worker":
+            env = dict(env, PARALLEL_EXEC_REPORT_FD=str(report_write))
+        try:
+            proc = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # Its own process group: ended as a whole, spared the terminal's Ctrl-C.
+                start_new_session=True,
+                preexec_fn=preexec,  # even a SIGKILLed launcher takes its children along
+                pass_fds=(report_write,) if role == "worker" else (),
+            )
+        except (OSError, subprocess.SubprocessError):
+            if role == "worker":
+                os.close(report_read)
+            raise
+        finally:
+            if role == "worker":
+                os.close(report_write)  # the child has its copy
+        child = _Child(role, index, proc)
+        name = child.label
+        readers = [_start_thread(_read_output, child, self._events, name=f"read[{name}]")]
+        if role == "worker":
+            readers.append(_start_thread(_read_reports, child, report_read, self._events, name=f"reports[{name}]"))
+        _start_thread(_wait_for_exit, child, readers, self._events, name=f"wait[{name}]")
+        return child
 
     def _supervise(self) -> Tuple[Optional[str], int]:
         """Wait until every worker finished (None) or the job must stop (why)."""
@@ -176,8 +251,13 @@ class Job:
             if kind == "signal":
                 self.interrupted = True
                 return f"the launcher received {signal.Signals(payload).name}", 128 + payload
-            if kind == "output":
-                self._print(child, payload)
+            if kind == "rank":
+                LOGGER.info("%s (pid %d) joined the kvstore as rank %d", child.label, child.proc.pid, payload)
+                child.rank = payload
+            elif kind == "output":
+                if not self._print(child, payload):
+                    self.interrupted = True  # nobody reads the output: a restart would not help
+                    return f"the launcher's output is closed ({self._output_error})", 1
                 if deadline is not None and child.role == "worker":
                     deadline = time.monotonic() + timeout
             elif payload != 0:
@@ -203,6 +283,19 @@ class Job:
             if not child.exited.is_set():
                 LOGGER.critical("%s (pid %d) is still running after SIGKILL", child.label, child.proc.pid)
 
+    def _finish(self) -> None:
+        """End a job whose workers all exited 0."""
+        workers = [c for c in self._children if c.role == "worker"]
+        joined = not workers or any(c.rank is not None for c in workers)
+        # Without a worker that joined, scheduler and servers wait for one forever.
+        self._stop(first_wait=_FINALIZE_WAIT if joined else 0.0)
+        LOGGER.info("job finished: every worker exited 0")
+        if not joined:
+            LOGGER.warning(
+                "no worker joined a distributed kvstore, so each trained on its own: did the script get "
+                "a distributed kvstore type (e.g. --kvstore dist_sync)?"
+            )
+
     def _wait_for_children(self, seconds: float) -> None:
         """Print output until every child has exited or ``seconds`` passed."""
         deadline = time.monotonic() + seconds
@@ -213,12 +306,23 @@ class Job:
                 return
             if kind == "output":
                 self._print(child, payload)
+            elif kind == "rank":
+                child.rank = payload
             elif kind == "exit" and payload != 0:
                 LOGGER.info("%s (pid %d) %s", child.label, child.proc.pid, _describe_exit(payload))
             # A second signal while stopping changes nothing: SIGKILL follows anyway.
 
-    @staticmethod
-    def _print(child: _Child, lines: List[str]) -> None:
-        if lines:
+    def _print(self, child: _Child, lines: List[str]) -> bool:
+        """Print a child's lines, prefixed; False once the launcher's stdout failed."""
+        if self._output_error is not None:
+            return False
+        if not lines:
+            return True
+        try:
             sys.stdout.write("".join(f"[{child.label}] {line}\n" for line in lines))
             sys.stdout.flush()
+        except (OSError, ValueError) as exc:  # e.g. `| head -1` exited: BrokenPipeError
+            self._output_error = type(exc).__name__
+            _discard_stdout()
+            return False
+        return True
