@@ -78,13 +78,14 @@ def test_a_killed_worker_restarts_the_job_which_resumes_to_the_parameters_of_an_
     pids = started_pids(proc.stderr)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        failed = r"attempt 1 of 2 failed: worker [01] \(pid \d+\) was killed by SIGKILL; restarting"
+        failed = r"attempt 1 of 2 failed: worker [01](, rank [01])? \(pid \d+\) was killed by SIGKILL; restarting"
         assert re.search(failed, proc.stderr), proc.stderr
         ports = re.findall(r"job: scheduler 127\.0\.0\.1:(\d+)", proc.stderr)
         assert len(ports) == 2 and ports[0] != ports[1], proc.stderr  # a fresh port for the new attempt
         assert len(pids) == 8  # scheduler, server, 2 workers, twice
         for rank in (0, 1):
-            resumed = re.findall(rf"^\[worker \d\] rank {rank} resumed from step (\d+)$", proc.stdout, re.MULTILINE)
+            line = rf"^\[worker \d(?:, rank \d)?\] rank {rank} resumed from step (\d+)$"  # labelled by rank once known
+            resumed = re.findall(line, proc.stdout, re.MULTILINE)
             assert resumed == ["0", "3"], proc.stdout
         assert not alive(pids)
     finally:

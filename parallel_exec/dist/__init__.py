@@ -47,6 +47,8 @@ use of its names, so the launcher runs without it):
 - ``_horovod``: importing Horovod and broadcasting through it.
 - ``_launcher``: the ``python -m parallel_exec.launch`` command line.
 - ``_supervisor``: starting the job's processes and ending them together.
+- ``_restarts``: running the job again after a failure (``--max-restarts``).
+- ``_parent_death``: children that die with the launcher.
 - ``_site/sitecustomize.py``: run at start-up by every Python process of a
   launched worker: fail fast, report the ps-lite rank to the launcher.
 """
