@@ -122,12 +122,12 @@ def test_the_callers_recording_travels_to_a_gpu_task(gpu):
 # --- Gluon training and the serial-init gate ----------------------------------------
 
 # test_gluon's training, there on CPU contexts. Its batches split evenly over
-# 1, 2, 4, 8 or 16 contexts: as many GPUs as that allows; a CPU beside a GPU;
-# and, with two GPUs, the contexts in another order than the devices'.
+# 1, 2, 4, 8 or 16 contexts: as many GPUs as that allows, and, with two GPUs,
+# the contexts in another order than the devices'. (Not a CPU beside a GPU:
+# whether the trainer's kvstore sums over both is MXNet's business, not ours.)
 TRAIN_GPUS = GPUS[: 1 << (len(GPUS).bit_length() - 1)]
 GPU_SETS = [
     pytest.param(TRAIN_GPUS, id="gpus"),
-    pytest.param([mx.cpu(0), GPUS[0]], id="cpu0+gpu0"),
     pytest.param([mx.gpu(1), mx.gpu(0)], id="gpu1+gpu0", marks=needs_gpus(2)),
 ]
 
@@ -158,14 +158,14 @@ def test_caller_records_and_backwards_over_gpu_workers():
     assert_close_training(actual, expected)
 
 
+@needs_gpus(2)
 def test_first_step_of_fresh_nets_on_gpus_never_fails():
     # The gate's reason to exist: deferred init of fresh blocks from several
     # threads at once. A new executor per round, so first tasks go through it.
-    contexts = TRAIN_GPUS if len(TRAIN_GPUS) > 1 else [GPUS[0], mx.cpu(0)]  # at least two workers
-    expected = train(contexts, run_serially, steps=1)
+    expected = train(TRAIN_GPUS, run_serially, steps=1)
     for _ in range(4):
-        with pe.ContextExecutor(contexts) as ex:
-            actual = train(contexts, run_on(ex), steps=1)
+        with pe.ContextExecutor(TRAIN_GPUS) as ex:
+            actual = train(TRAIN_GPUS, run_on(ex), steps=1)
         assert_close_training(actual, expected)
 
 
