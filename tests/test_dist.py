@@ -9,17 +9,21 @@ The children's PIDs come from the launcher's ``started ... (pid N)`` lines.
 
 import importlib
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import mxnet as mx
 import numpy as np
 import pytest
 
 from parallel_exec import dist, launch
+from parallel_exec.dist import _supervisor
 
 import dist_train_script
 
@@ -452,6 +456,26 @@ def test_every_public_name_resolves():
     # Old names stay importable, though not in dist.__all__.
     assert dist.DIST_KVSTORE_TYPES == ("dist_sync", "dist_device_sync", "dist_async")
     assert issubclass(dist.HorovodTrainer, mx.gluon.Trainer)
+
+
+@pytest.mark.parametrize("interval, snapshot", [(0.0, ["10%"]), (3600.0, [])])
+def test_a_redrawn_line_is_printed_in_its_last_state_and_at_most_once_per_interval(interval, snapshot):
+    # A progress bar redraws its line with \r; the launcher prints that line
+    # once it ends, and a snapshot of it only when the interval has passed.
+    read_fd, write_fd = os.pipe()
+    events = queue.SimpleQueue()
+    with open(read_fd, "rb") as stream:
+        child = SimpleNamespace(proc=SimpleNamespace(stdout=stream))
+        reader = threading.Thread(target=_supervisor._read_output, args=(child, events, interval))
+        reader.start()
+        try:
+            os.write(write_fd, b"\r 0%\r10%")
+            assert events.get(timeout=JOB_TIMEOUT)[2] == snapshot  # any output counts as progress
+            os.write(write_fd, b"\r20%\r100%\nnext\n")
+            assert events.get(timeout=JOB_TIMEOUT)[2] == ["100%", "next"]
+        finally:
+            os.close(write_fd)
+            reader.join(JOB_TIMEOUT)
 
 
 @pytest.mark.parametrize("fail_fast", ["1", "0"])
