@@ -185,7 +185,7 @@ class Checkpointer:
                 "extra": extra,
                 "num_workers": self.num_workers,
                 "params": {name: param.list_data()[0].asnumpy() for name, param in _named_parameters(self._net)},
-                "trainer": None if self._trainer is None else _trainer_states(self._trainer, self.directory),
+                "trainer": None if self._trainer is None else _trainer_states(self._trainer),
                 "random": random_state,
             }
             _write_atomically(path, state)
@@ -226,24 +226,30 @@ class Checkpointer:
         """
         if self.rank == 0:
             _remove_temporary_files(self.directory)
+        found = Checkpoint(0, 0, None, None)
         for step, path in _main_checkpoints(self.directory):
             try:
                 state = _read(path)
             except (OSError, ValueError) as exc:
                 LOGGER.warning("skipping checkpoint %s: %s", path, exc)
                 continue
-            self._load_parameters(state["params"], path)
-            if self._trainer is not None and state["trainer"] is not None:
-                with _scratch_file(self.directory) as scratch:
-                    Path(scratch).write_bytes(state["trainer"])
-                    with warnings.catch_warnings():
-                        # mxnet 1.9.1 KVStore.load_optimizer_states never closes the file it reads.
-                        warnings.simplefilter("ignore", ResourceWarning)
-                        self._trainer.load_states(scratch)
-            _restore_random_state(self._own_random_state(path, state), self._rngs)
+            self._load(state, path)
             LOGGER.info("resuming from checkpoint %s (step %d, epoch %d)", path, step, state["epoch"])
-            return Checkpoint(state["step"], state["epoch"], state["extra"], path)
-        return Checkpoint(0, 0, None, None)
+            found = Checkpoint(state["step"], state["epoch"], state["extra"], path)
+            break
+        self._barrier()  # no worker writes (saves) before the clean-up above and every read are done
+        return found
+
+    def _load(self, state: Dict[str, Any], path: Path) -> None:
+        self._load_parameters(state["params"], path)
+        if self._trainer is not None and state["trainer"] is not None:
+            with _scratch_file() as scratch:
+                Path(scratch).write_bytes(state["trainer"])
+                with warnings.catch_warnings():
+                    # mxnet 1.9.1 KVStore.load_optimizer_states never closes the file it reads.
+                    warnings.simplefilter("ignore", ResourceWarning)
+                    self._trainer.load_states(scratch)
+        _restore_random_state(self._own_random_state(path, state), self._rngs)
 
     def _own_random_state(self, path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
         if self.rank == 0:
@@ -339,7 +345,11 @@ def _read(path: Path) -> Any:
 
 
 def _remove_temporary_files(directory: Path) -> None:
-    """Delete what a writer killed mid-write left; no writer runs at start-up."""
+    """Delete what a writer killed mid-write left.
+
+    Called by rank 0 in ``restore``, while no worker writes: they write only
+    in ``save``, and ``restore`` ends with a barrier.
+    """
     for leftover in directory.glob(_TEMP_PREFIX + "*"):
         try:
             leftover.unlink()
@@ -348,10 +358,14 @@ def _remove_temporary_files(directory: Path) -> None:
 
 
 class _scratch_file:
-    """A temporary file name in ``directory``, removed afterwards (Trainer reads and writes by name)."""
+    """A private temporary file name, removed afterwards (Trainer reads and writes by name).
 
-    def __init__(self, directory: Path) -> None:
-        fd, self._name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
+    Not in the checkpoint directory: rank 0's start-up clean-up of that
+    directory would race with another worker's scratch file.
+    """
+
+    def __init__(self) -> None:
+        fd, self._name = tempfile.mkstemp(prefix="parallel_exec-trainer-states-")
         os.close(fd)
 
     def __enter__(self) -> str:
@@ -364,8 +378,8 @@ class _scratch_file:
             pass
 
 
-def _trainer_states(trainer: "mx.gluon.Trainer", directory: Path) -> bytes:
-    with _scratch_file(directory) as scratch:  # Trainer saves only to a named file
+def _trainer_states(trainer: "mx.gluon.Trainer") -> bytes:
+    with _scratch_file() as scratch:  # Trainer saves only to a named file
         trainer.save_states(scratch)
         return Path(scratch).read_bytes()
 
