@@ -48,6 +48,22 @@ class DistTrainer(mx.gluon.Trainer):
         """As ``gluon.Trainer.update``, with this worker's batch size."""
         super().update(batch_size * self._batch_multiplier, ignore_stale_grad)
 
+    def _init_params(self) -> None:
+        """Gluon's kvstore initialisation, finished before the first gradient is pushed.
+
+        It broadcasts rank 0's weights through key ``i`` (init, then an async
+        pull). With ``update_on_kvstore=False`` the gradients go through the
+        same key, so a pull served after the workers' first push returned
+        their gradient sum as the weights (mxnet 1.9.1; seen in 1 run of 5,
+        the loss jumping 100-fold after the first step). Waiting here for
+        the pulled weights keeps this worker's first push after its pull.
+        """
+        super()._init_params()
+        if self._kvstore is not None and not self._update_on_kvstore:
+            for param in self._params:
+                for data in param.list_data():
+                    data.wait_to_read()
+
 
 class HorovodTrainer(mx.gluon.Trainer):
     """A ``gluon.Trainer`` that sums gradients over this process's contexts and, with Horovod, over all processes.
