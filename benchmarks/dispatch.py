@@ -18,8 +18,9 @@ from typing import Callable, Dict, List
 import mxnet as mx
 
 import parallel_exec as pe
+
 from floors import SharedQueue, ThreadPerContext
-from harness import Summary, close_gluonnlp_parallel, ratios, run_rounds
+from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
     import gluonnlp.utils as gluonnlp_utils
@@ -139,7 +140,10 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         os.rmdir(trace_dir)
 
     done = (tasks // n) * n
-    per_task = {name: [s / (tasks if "submit" in name or "plain" in name else done) * 1e6 for s in values] for name, values in seconds.items()}
+    per_task = {
+        name: [s / (tasks if "submit" in name or "plain" in name else done) * 1e6 for s in values]
+        for name, values in seconds.items()
+    }
     pairs = [
         ("ContextExecutor submit+result", "ThreadPoolExecutor submit+result"),
         ("ContextExecutor map", "ThreadPoolExecutor map"),
@@ -163,19 +167,19 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
 
 def pieces_table(pieces: Dict[str, float]) -> str:
     """Markdown table of ``floors.task_pieces``: what a task does besides the hand-off."""
-    lines = ["| piece of a ContextExecutor task, timed in one thread | us per call |", "|---|---:|"]
-    lines += [f"| {name} | {us:.2f} |" for name, us in pieces.items()]
-    lines.append(f"| sum | {sum(pieces.values()):.2f} |")
-    return "\n".join(lines)
+    rows = [(name, f"{us:.2f}") for name, us in [*pieces.items(), ("sum", sum(pieces.values()))]]
+    return markdown_table(["piece of a ContextExecutor task, timed in one thread", "us per call"], rows, "lr")
 
 
 def table(results: List[DispatchResult]) -> str:
     """Markdown table: one row per variant, one column per N."""
-    header = "| variant | " + " | ".join(f"N={r.n}: us/task (median ± IQR/2)" for r in results) + " |"
-    lines = [header, "|---|" + "---:|" * len(results)]
-    for name in results[0].us_per_task:
-        lines.append(f"| {name} | " + " | ".join(r.us_per_task[name].fmt(1) for r in results) + " |")
-    lines += ["", "| ratio (within each round) | " + " | ".join(f"N={r.n}" for r in results) + " |", "|---|" + "---:|" * len(results)]
-    for name in results[0].ratio:
-        lines.append(f"| {name} | " + " | ".join(r.ratio[name].fmt(2) for r in results) + " |")
-    return "\n".join(lines)
+    align = "l" + "r" * len(results)
+    per_task = markdown_table(
+        ["variant", *(f"N={r.n}: us/task (median ± IQR/2)" for r in results)],
+        [[name, *(r.us_per_task[name].fmt(1) for r in results)] for name in results[0].us_per_task], align,
+    )
+    ratios = markdown_table(
+        ["ratio (within each round)", *(f"N={r.n}" for r in results)],
+        [[name, *(r.ratio[name].fmt(2) for r in results)] for name in results[0].ratio], align,
+    )
+    return per_task + "\n\n" + ratios

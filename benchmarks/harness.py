@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence
 
+from tabulate import tabulate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 # The settings that change how MXNet schedules work on CPUs.
 ENV_VARS = (
     "MXNET_ENGINE_TYPE", "OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_CPU_PRIORITY_NTHREADS",
@@ -48,7 +51,9 @@ class Summary:
         return f"{self.median:.{digits}f} ± {self.iqr / 2:.{digits}f}"
 
 
-def run_rounds(variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+def run_rounds(
+    variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], None] = lambda: None
+) -> Dict[str, List[float]]:
     """Run each variant once per round, in the given order, ``rounds`` times.
 
     Args:
@@ -71,6 +76,12 @@ def run_rounds(variants: Mapping[str, Callable[[], float]], rounds: int, progres
 def ratios(results: Mapping[str, List[float]], name: str, reference: str) -> List[float]:
     """Per-round ratio ``results[name] / results[reference]``."""
     return [a / b for a, b in zip(results[name], results[reference])]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str) -> str:
+    """A plain Markdown (pipe) table; ``align`` has one letter per column, ``l`` or ``r``."""
+    colalign = ["left" if a == "l" else "right" for a in align]
+    return tabulate(rows, headers=headers, tablefmt="pipe", colalign=colalign, disable_numparse=True)
 
 
 def close_gluonnlp_parallel(parallel) -> None:
@@ -100,8 +111,11 @@ def _memory_gib() -> float:
 
 def _git_commit(repo: str) -> str:
     try:
-        commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "parallel_exec"], capture_output=True, text=True, timeout=10).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "parallel_exec")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit or "unknown") + (" (parallel_exec/ has uncommitted changes)" if dirty else "")
@@ -120,7 +134,8 @@ def environment() -> Dict[str, str]:
         gluonnlp_version = gluonnlp.__version__
     except ImportError:
         gluonnlp_version = "not installed"
-    features = [name for name, feature in mx.runtime.Features().items() if feature.enabled and name in ("OPENMP", "MKLDNN", "BLAS_OPEN", "BLAS_MKL", "CUDA")]
+    shown = ("OPENMP", "MKLDNN", "BLAS_OPEN", "BLAS_MKL", "CUDA")
+    features = [name for name, feature in mx.runtime.Features().items() if feature.enabled and name in shown]
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {
         "machine": f"{_cpu_model()}, {platform.machine()}",
@@ -132,7 +147,7 @@ def environment() -> Dict[str, str]:
         "mxnet": f"{mx.__version__} ({', '.join(features)})",
         "numpy": numpy.__version__,
         "gluonnlp": gluonnlp_version,
-        "parallel_exec": f"{parallel_exec.__version__}, commit {_git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}",
+        "parallel_exec": f"{parallel_exec.__version__}, commit {_git_commit(os.path.dirname(HERE))}",
     }
     for var in ENV_VARS:
         info[var] = os.environ.get(var, "unset (MXNet default)")

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
+from harness import markdown_table
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -81,6 +83,7 @@ def growth(tasks: int, n: int, samples: int = 20) -> Growth:
     import mxnet as mx
 
     import parallel_exec as pe
+
     from dispatch import noop
 
     contexts = [mx.cpu(i) for i in range(n)]
@@ -202,13 +205,14 @@ def table(peaks: List[PeakRss], grown: Growth, threads: ThreadRss) -> str:
             f"Peak RSS, {peak.model} model, N={peak.n}, {peak.steps} steps, each variant in a fresh process "
             "(high-water mark reset after imports and data; 'added' is the peak minus RSS at that point):",
             "",
-            "| variant | peak RSS MiB | of which the variant added | vs sequential loop |",
-            "|---|---:|---:|---:|",
+            markdown_table(
+                ["variant", "peak RSS MiB", "of which the variant added", "vs sequential loop"],
+                [[name, f"{mib:.0f}", f"{peak.added[name]:.0f}", f"{mib / base:.3f}" if base else ""]
+                 for name, mib in peak.mib.items()],
+                "lrrr",
+            ),
+            "",
         ]
-        for name, mib in peak.mib.items():
-            ratio = f"{mib / base:.3f}" if base else ""
-            lines.append(f"| {name} | {mib:.0f} | {peak.added[name]:.0f} | {ratio} |")
-        lines.append("")
     lines += [
         f"RSS over {grown.tasks:,} trivial tasks (ContextExecutor.map, one shard per context): "
         f"{grown.samples[0][1]:.1f} MiB after warm-up, {grown.samples[-1][1]:.1f} MiB at the end, "

@@ -25,6 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks")
 sys.path.insert(0, HERE)
 
+from tqdm import tqdm  # noqa: E402
+
 import dispatch  # noqa: E402
 import floors  # noqa: E402
 import harness  # noqa: E402
@@ -61,8 +63,10 @@ SIZES = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a run under 3 minutes on 2 cores")
-    size.add_argument("--smoke", action="store_const", dest="size", const="smoke", help="smallest size, for the test suite")
+    size.add_argument("--quick", action="store_const", dest="size", const="quick",
+                      help="a run under 3 minutes on 2 cores")
+    size.add_argument("--smoke", action="store_const", dest="size", const="smoke",
+                      help="smallest size, for the test suite")
     parser.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR",
         help="where RESULTS.md and the PNGs go (default: runs/benchmarks/, git-ignored; "
@@ -85,21 +89,25 @@ def main(argv=None) -> int:
         + len(training.MODELS) * sum(size.training_rounds * (4 if n == 1 else 5) for n in size.training_ns)
         + (len(training.MODELS) * len(training.VARIANTS) if size.rss_steps else 0)
     )
-    progress = _progress_bar(total, disabled=args.no_progress)
+    # One tick per measurement, on stderr; the tables go to stdout.
+    progress = tqdm(total=total, unit="measurement", file=sys.stderr, leave=False, disable=args.no_progress)
     started = time.perf_counter()
     timings = {}
 
     t0 = time.perf_counter()
-    dispatch_results = [dispatch.measure(n, size.dispatch_tasks, size.dispatch_rounds, progress) for n in size.dispatch_ns]
+    dispatch_results = [
+        dispatch.measure(n, size.dispatch_tasks, size.dispatch_rounds, progress.update) for n in size.dispatch_ns
+    ]
     pieces = floors.task_pieces()
     timings["dispatch"] = time.perf_counter() - t0
-    _emit(progress, "## 1. Dispatch overhead\n\n" + dispatch.table(dispatch_results) + "\n\n" + dispatch.pieces_table(pieces))
+    _emit(progress, "## 1. Dispatch overhead\n\n" + dispatch.table(dispatch_results) + "\n\n"
+          + dispatch.pieces_table(pieces))
 
     t0 = time.perf_counter()
     overlap_n = 2 if 2 in size.training_ns else max(size.training_ns)
     training_results = [
         training.measure(
-            spec, n, size.training_rounds, size.training_steps, size.training_warmup, progress,
+            spec, n, size.training_rounds, size.training_steps, size.training_warmup, progress.update,
             overlap_steps=size.overlap_steps if n == overlap_n else 0,
         )
         for spec in training.MODELS.values()
@@ -111,7 +119,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     peaks = []
     if size.rss_steps:
-        peaks = [memory.peak_rss(model, size.rss_n, size.rss_steps, training.VARIANTS, progress) for model in training.MODELS]
+        peaks = [
+            memory.peak_rss(model, size.rss_n, size.rss_steps, training.VARIANTS, progress.update)
+            for model in training.MODELS
+        ]
     grown = memory.growth(size.growth_tasks, 2)
     threads = memory.thread_rss()
     timings["memory"] = time.perf_counter() - t0
@@ -130,42 +141,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _emit(progress, text: str) -> None:
-    progress.write("\n" + text + "\n")
-
-
-class _NoBar:
-    def __call__(self) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        print(text, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, disabled: bool):
-    """A callable that advances a tqdm bar by one measurement (if tqdm is there)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    if disabled:
-        return _NoBar()
-    bar = tqdm(total=total, unit="measurement", file=sys.stderr, leave=False)
-
-    class _Bar:
-        def __call__(self) -> None:
-            bar.update()
-
-        def write(self, text: str) -> None:
-            bar.write(text, file=sys.stdout)
-
-        def close(self) -> None:
-            bar.close()
-
-    return _Bar()
+def _emit(progress: tqdm, text: str) -> None:
+    progress.write("\n" + text + "\n", file=sys.stdout)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import numpy as np
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
-from harness import Summary, close_gluonnlp_parallel, ratios, run_rounds
+
+from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
     import gluonnlp.utils as gluonnlp_utils
@@ -180,7 +181,9 @@ class TrainingResult:
     overlap: Optional[Dict[str, List[dict]]] = field(default=None)
 
 
-def make_batches(spec: ModelSpec, contexts: Sequence[mx.Context], count: int, seed: int) -> List[List[Tuple[mx.nd.NDArray, mx.nd.NDArray]]]:
+def make_batches(
+    spec: ModelSpec, contexts: Sequence[mx.Context], count: int, seed: int
+) -> List[List[Tuple[mx.nd.NDArray, mx.nd.NDArray]]]:
     """``count`` batches, each a list of ``(data, label)`` shards, one per context."""
     rng = np.random.RandomState(seed)
     batches = []
@@ -202,7 +205,9 @@ def save_initial_parameters(spec: ModelSpec, path: str, seed: int) -> None:
     net.save_parameters(path)
 
 
-def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progress: Callable[[], None], overlap_steps: int = 0) -> TrainingResult:
+def measure(
+    spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progress: Callable[[], None], overlap_steps: int = 0
+) -> TrainingResult:
     """Throughput of every variant for ``spec`` on ``n`` contexts, interleaved in rounds.
 
     Args:
@@ -268,7 +273,9 @@ def measure(spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progr
             os.remove(os.path.join(workdir, name))
         os.rmdir(workdir)
 
-    samples = {name: [variants[name].replica.batch_size * steps / s for s in values] for name, values in seconds.items()}
+    samples = {
+        name: [variants[name].replica.batch_size * steps / s for s in values] for name, values in seconds.items()
+    }
     one_context = REFERENCE if n > 1 else SEQUENTIAL
     peers = [SEQUENTIAL] + ([GLUONNLP] if GLUONNLP in samples else [])
     best_peer = [max(values) for values in zip(*(samples[p] for p in peers))]
@@ -303,7 +310,8 @@ def _record_sequential(variant: Variant, batches, steps: int) -> dict:
             events.append(_span(f"{context} (main thread)", "forward_backward", start, time.perf_counter_ns(), origin))
         _finish_step_traced(replica, events, origin)
     # One thread runs every span, so they never overlap: concurrency 1.0.
-    return {"events": events, "tracks": ["caller"] + [f"{c} (main thread)" for c in replica.contexts], "concurrency": 1.0}
+    tracks = ["caller"] + [f"{c} (main thread)" for c in replica.contexts]
+    return {"events": events, "tracks": tracks, "concurrency": 1.0}
 
 
 def _finish_step_traced(replica: Replica, events: List[dict], origin: int) -> None:
@@ -348,15 +356,12 @@ def _record_executor(variant: Variant, batches, steps: int, workdir: str) -> dic
 
 def table(results: List[TrainingResult]) -> str:
     """Markdown table: one row per model, N and variant."""
-    lines = [
-        "| model | N | batch | variant | samples/s (median ± IQR/2) | vs sequential at N | vs 1-context sequential | same parameters as sequential (max abs diff) |",
-        "|---|---:|---:|---|---:|---:|---:|---|",
+    headers = ["model", "N", "batch", "variant", "samples/s (median ± IQR/2)", "vs sequential at N",
+               "vs 1-context sequential", "same parameters as sequential (max abs diff)"]
+    rows = [
+        [r.model, r.n, r.batch, name, r.throughput[name].fmt(0), r.vs_sequential[name].fmt(3),
+         r.vs_one_context[name].fmt(2), f"{'yes' if r.agreement[name][0] else 'NO'} ({r.agreement[name][1]:.1e})"]
+        for r in results
+        for name in r.vs_sequential
     ]
-    for r in results:
-        for name in r.vs_sequential:
-            ok, diff = r.agreement[name]
-            lines.append(
-                f"| {r.model} | {r.n} | {r.batch} | {name} | {r.throughput[name].fmt(0)} | {r.vs_sequential[name].fmt(3)} "
-                f"| {r.vs_one_context[name].fmt(2)} | {'yes' if ok else 'NO'} ({diff:.1e}) |"
-            )
-    return "\n".join(lines)
+    return markdown_table(headers, rows, "lrrlrrrl")
