@@ -43,7 +43,8 @@ use of its names, so the launcher runs without it):
 - ``_fail_fast``: end the process on an uncaught exception in any thread.
 - ``_worker_process``: ``init_worker`` and ``WorkerProcess``, this process's place in the job.
 - ``_trainers``: the trainers ``WorkerProcess.trainer`` builds.
-- ``_checkpoint``: ``Checkpointer``, saving and restoring a run so a restart resumes.
+- ``_checkpoint``: ``Checkpointer``, saving and restoring a run so a restart resumes;
+  ``_checkpoint_files`` (atomic, checked files) and ``_random_state`` serve it.
 - ``_horovod``: importing Horovod and broadcasting through it.
 - ``_launcher``: the ``python -m parallel_exec.launch`` command line.
 - ``_supervisor``: starting the job's processes and ending them together.

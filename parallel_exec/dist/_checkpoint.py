@@ -35,31 +35,20 @@ Assumptions:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
 import random
-import re
-import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .._mxnet import mx
+from . import _checkpoint_files as _files
+from . import _random_state
 
 LOGGER = logging.getLogger("parallel_exec.dist")
-
-_MAGIC = b"parallel_exec checkpoint 1\n"
-_HEADER = len(_MAGIC) + 8 + 32  # magic, payload length, SHA-256 of the payload
-_MAIN_NAME = re.compile(r"checkpoint-(\d{10})\.pe")
-_TEMP_PREFIX = ".tmp-checkpoint-"
-# How long a worker waits to see the file rank 0 wrote (after a barrier, so
-# only a shared filesystem's delay is waited for).
-_VISIBLE_TIMEOUT = 60.0
 
 
 class Checkpoint(NamedTuple):
@@ -174,9 +163,9 @@ class Checkpointer:
         if step < 0:
             raise ValueError(f"step must not be negative, got {step}")
         path = self.directory / f"checkpoint-{step:010d}.pe"
-        random_state = _capture_random_state(self._rngs)
+        random_state = _random_state.capture(self._rngs)
         if self.rank > 0:
-            _write_atomically(_rank_path(path, self.rank), random_state)
+            _files.write_atomically(_files.rank_path(path, self.rank), random_state)
         self._barrier()  # every worker's random state is on disk before the checkpoint counts
         if self.rank == 0:
             state = {
@@ -188,16 +177,16 @@ class Checkpointer:
                 "trainer": None if self._trainer is None else _trainer_states(self._trainer),
                 "random": random_state,
             }
-            _write_atomically(path, state)
+            _files.write_atomically(path, state)
             self._prune()
             LOGGER.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)
         self._barrier()
         if self.rank > 0:
-            _wait_until_visible(path)
+            _files.wait_until_visible(path)
         return path
 
     def _prune(self) -> None:
-        for _, old in _main_checkpoints(self.directory)[self.keep :]:
+        for _, old in _files.main_checkpoints(self.directory)[self.keep :]:
             for stale in [old, *old.parent.glob(old.stem + ".rank*.pe")]:
                 try:
                     stale.unlink()
@@ -225,11 +214,11 @@ class Checkpointer:
                 network (other parameter names or shapes).
         """
         if self.rank == 0:
-            _remove_temporary_files(self.directory)
+            _files.remove_temporary_files(self.directory)
         found = Checkpoint(0, 0, None, None)
-        for step, path in _main_checkpoints(self.directory):
+        for step, path in _files.main_checkpoints(self.directory):
             try:
-                state = _read(path)
+                state = _files.read(path)
             except (OSError, ValueError) as exc:
                 LOGGER.warning("skipping checkpoint %s: %s", path, exc)
                 continue
@@ -243,19 +232,19 @@ class Checkpointer:
     def _load(self, state: Dict[str, Any], path: Path) -> None:
         self._load_parameters(state["params"], path)
         if self._trainer is not None and state["trainer"] is not None:
-            with _scratch_file() as scratch:
+            with _files.scratch_file() as scratch:
                 Path(scratch).write_bytes(state["trainer"])
                 with warnings.catch_warnings():
                     # mxnet 1.9.1 KVStore.load_optimizer_states never closes the file it reads.
                     warnings.simplefilter("ignore", ResourceWarning)
                     self._trainer.load_states(scratch)
-        _restore_random_state(self._own_random_state(path, state), self._rngs)
+        _random_state.restore(self._own_random_state(path, state), self._rngs)
 
     def _own_random_state(self, path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
         if self.rank == 0:
             return state["random"]
         try:
-            return _read(_rank_path(path, self.rank))
+            return _files.read(_files.rank_path(path, self.rank))
         except (OSError, ValueError) as exc:
             LOGGER.warning("using rank 0's random state: this worker's own (rank %d) is unusable: %s", self.rank, exc)
             return state["random"]
@@ -279,177 +268,14 @@ class Checkpointer:
             param.set_data(mx.nd.array(saved[name], dtype=saved[name].dtype))
 
 
-# -- files ----------------------------------------------------------------------
-
-
-def _rank_path(path: Path, rank: int) -> Path:
-    return path.with_name(f"{path.stem}.rank{rank}.pe")
-
-
-def _main_checkpoints(directory: Path) -> List[Tuple[int, Path]]:
-    """(step, path) of every checkpoint file, newest first (complete or not)."""
-    found = []
-    for path in directory.iterdir():
-        match = _MAIN_NAME.fullmatch(path.name)
-        if match:
-            found.append((int(match[1]), path))
-    return sorted(found, reverse=True)
-
-
-def _write_atomically(path: Path, obj: Any) -> None:
-    """Write ``obj`` to ``path`` so that readers see all of it or nothing."""
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    header = _MAGIC + len(payload).to_bytes(8, "big") + hashlib.sha256(payload).digest()
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(header)
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())  # the data is on disk before the name points to it
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)  # the rename itself survives a crash
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> Any:
-    """The object in a checkpoint file; ValueError if the file is damaged."""
-    data = path.read_bytes()
-    if len(data) < _HEADER or not data.startswith(_MAGIC):
-        raise ValueError(f"not a complete checkpoint file ({len(data)} bytes, header missing)")
-    length = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 8], "big")
-    digest, payload = data[len(_MAGIC) + 8 : _HEADER], data[_HEADER:]
-    if len(payload) != length:
-        raise ValueError(f"truncated: {len(payload)} of {length} bytes")
-    if hashlib.sha256(payload).digest() != digest:
-        raise ValueError("damaged: its checksum does not match")
-    return pickle.loads(payload)
-
-
-def _remove_temporary_files(directory: Path) -> None:
-    """Delete what a writer killed mid-write left.
-
-    Called by rank 0 in ``restore``, while no worker writes: they write only
-    in ``save``, and ``restore`` ends with a barrier.
-    """
-    for leftover in directory.glob(_TEMP_PREFIX + "*"):
-        try:
-            leftover.unlink()
-        except FileNotFoundError:
-            pass
-
-
-class _scratch_file:
-    """A private temporary file name, removed afterwards (Trainer reads and writes by name).
-
-    Not in the checkpoint directory: rank 0's start-up clean-up of that
-    directory would race with another worker's scratch file.
-    """
-
-    def __init__(self) -> None:
-        fd, self._name = tempfile.mkstemp(prefix="parallel_exec-trainer-states-")
-        os.close(fd)
-
-    def __enter__(self) -> str:
-        return self._name
-
-    def __exit__(self, *exc_info: Any) -> None:
-        try:
-            os.unlink(self._name)
-        except FileNotFoundError:
-            pass
+# -- helpers ------------------------------------------------------------------
 
 
 def _trainer_states(trainer: "mx.gluon.Trainer") -> bytes:
-    with _scratch_file() as scratch:  # Trainer saves only to a named file
+    with _files.scratch_file() as scratch:  # Trainer saves only to a named file
         trainer.save_states(scratch)
         return Path(scratch).read_bytes()
 
-
-def _wait_until_visible(path: Path) -> None:
-    """Wait for rank 0's file after the barrier; only a shared filesystem can delay it."""
-    deadline = time.monotonic() + _VISIBLE_TIMEOUT
-    delay = 0.01
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"rank 0 saved {path}, but this worker cannot see it after {_VISIBLE_TIMEOUT:g} s: "
-                "every worker needs the same checkpoint directory (shared storage on several machines)"
-            )
-        time.sleep(delay)  # no event tells when a remote write becomes visible
-        delay = min(delay * 2, 1.0)
-
-
-# -- random state ---------------------------------------------------------------
-
-
-def _capture_random_state(rngs: Iterable[Any]) -> Dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "rngs": [_rng_state(rng) for rng in rngs],
-        "mxnet_seed": _reseed_mxnet(None),
-    }
-
-
-def _restore_random_state(state: Dict[str, Any], rngs: Sequence[Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if len(state["rngs"]) != len(rngs):
-        raise ValueError(f"the checkpoint holds the state of {len(state['rngs'])} rngs, this run gives {len(rngs)}")
-    for rng, saved in zip(rngs, state["rngs"]):
-        _set_rng_state(rng, saved)
-    _reseed_mxnet(state["mxnet_seed"])
-
-
-def _rng_state(rng: Any) -> Any:
-    if isinstance(rng, np.random.Generator):
-        return rng.bit_generator.state
-    if isinstance(rng, np.random.RandomState):
-        return rng.get_state()
-    return rng.getstate()
-
-
-def _set_rng_state(rng: Any, state: Any) -> None:
-    if isinstance(rng, np.random.Generator):
-        rng.bit_generator.state = state
-    elif isinstance(rng, np.random.RandomState):
-        rng.set_state(state)
-    else:
-        rng.setstate(state)
-
-
-def _reseed_mxnet(seed: Optional[int]) -> int:
-    """Reseed MXNet's generators with ``seed``, or with one drawn from them; return it.
-
-    MXNet has no way to read a generator's state, so a checkpoint stores
-    this seed instead: the stream continues from it in both runs.
-    """
-    if seed is None:
-        seed = int(mx.nd.random.randint(0, 2**31 - 1, shape=(1,), ctx=mx.cpu(), dtype="int32").asscalar())
-    mx.random.seed(seed)
-    return seed
-
-
-# -- gluon and the job ----------------------------------------------------------
 
 
 def _named_parameters(net: Any) -> List[Tuple[str, "mx.gluon.Parameter"]]:
@@ -488,6 +314,6 @@ def _barrier(worker: Any) -> None:
     if worker.kvstore_type == "horovod":
         import horovod.mxnet as hvd
 
-        hvd.allreduce(mx.nd.zeros(1), name="parallel_exec.checkpoint.barrier").wait_to_read()
+        hvd.allreduce(mx.nd.zeros(1), name="parallel_exec.checkpoint.barrier").wait_to_files.read()
     else:
         worker.kvstore._barrier()  # ps-lite's global barrier of the worker group (mxnet 1.9.1)
