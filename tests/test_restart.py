@@ -116,6 +116,41 @@ def test_a_job_that_always_fails_runs_max_restarts_plus_one_times_then_fails(tmp
         kill_all(pids)
 
 
+@pytest.mark.dist
+@pytest.mark.parametrize("when", ["during the job", "during the back-off"])
+def test_a_signal_to_the_launcher_stops_without_a_restart(tmp_path, when):
+    # The worker parks (first case) or fails at once (second, with a long
+    # back-off); SIGTERM goes to the launcher once the test has seen that state.
+    if when == "during the job":
+        worker, ready = "import threading; print('ready', flush=True); threading.Event().wait()", "] ready"
+    else:
+        worker, ready = "import sys; sys.exit(3)", "restarting the whole job in 20 s"
+    options = ["-n", "1", "--max-restarts", "2", "--restart-backoff", "20"]
+    command = [sys.executable, "-m", "parallel_exec.launch", *options, "--", sys.executable, "-c", worker]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=TESTS.parent)
+    lines = []
+    try:
+        for line in proc.stdout:  # the test's timeout guards this loop
+            lines.append(line)
+            if ready in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        kill_all(started_pids("".join(lines)))
+    output = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert len(re.findall(r"job: scheduler", output)) == 1, output  # one attempt only
+    if when == "during the back-off":
+        assert "not restarting: the launcher received SIGTERM" in output
+    assert not alive(started_pids(output))
+
+
 # -- no orphans -------------------------------------------------------------------
 
 
