@@ -36,6 +36,14 @@ def gluonnlp_s():
 IMPLEMENTATIONS = [pytest.param(ours, id="parallel_exec"), pytest.param(gluonnlp_s, id="gluonnlp")]
 
 
+def close(parallel):
+    """Stop either implementation's workers (gluonnlp's stop only in __del__)."""
+    if isinstance(parallel, pe.Parallel):
+        parallel.close()
+    else:
+        parallel.__del__()
+
+
 # --- gluonnlp's test_parallel scenario ----------------------------------------
 
 
@@ -373,19 +381,56 @@ def test_dropping_the_last_reference_stops_the_workers():
     assert not any(t.is_alive() for t in workers)
 
 
+class NotImplemented_(pe.Parallelizable):
+    """Forgot to implement forward_backward."""
+
+
 @pytest.mark.parametrize(
     ("num_workers", "parallizable", "error", "match"),
     [
-        (-1, Doubler(), ValueError, "num_workers must be >= 0"),
-        (2.0, Doubler(), TypeError, "num_workers must be an int"),
-        ("2", Doubler(), TypeError, "num_workers must be an int"),
+        (-1, Doubler(), ValueError, "num_workers must be >= 0, got -1"),
+        (2.0, Doubler(), TypeError, "num_workers must be an integer .*got float: 2.0"),
+        ("2", Doubler(), TypeError, "num_workers must be an integer .*got str: '2'"),
+        (np.float64(2), Doubler(), TypeError, "num_workers must be an integer"),
         (2, object(), TypeError, "forward_backward"),
         (2, None, TypeError, "forward_backward"),
+        (2, Doubler, TypeError, r"an instance, got the class Doubler itself; write Parallel\(num_workers, Doubler\("),
+        (2, pe.Parallelizable(), TypeError, "Parallelizable does not implement forward_backward"),
+        (2, NotImplemented_(), TypeError, "NotImplemented_ does not implement forward_backward"),
     ],
 )
 def test_construction_errors(num_workers, parallizable, error, match):
     with pytest.raises(error, match=match):
         pe.Parallel(num_workers, parallizable)
+
+
+@pytest.mark.parametrize("num_workers", [np.int64(2), np.int32(1), True, 0])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_num_workers_takes_any_integer_like_value(implementation, num_workers):
+    # gluonnlp passes num_workers to range(): numpy integers and bools work.
+    parallel = implementation()(num_workers, Doubler(), serial_init=False)
+    try:
+        for x in range(3):
+            parallel.put(x)
+        assert sorted(parallel.get() for _ in range(3)) == [0, 2, 4]
+    finally:
+        close(parallel)
+
+
+def test_negative_num_workers_raises_where_gluonnlp_runs_inline():
+    # A documented difference (docs/migrating.md): gluonnlp's range(-1) starts
+    # no thread and runs every call inline; here it is a ValueError.
+    caller = threading.get_ident()
+
+    class Where(pe.Parallelizable):
+        def forward_backward(self, x):
+            return threading.get_ident()
+
+    theirs = gluonnlp_s()(-1, Where())
+    theirs.put(0)
+    assert theirs.get() == caller
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        pe.Parallel(-1, Where())
 
 
 def test_keyword_arguments_keep_the_original_spelling():
@@ -394,6 +439,208 @@ def test_keyword_arguments_keep_the_original_spelling():
         assert parallel.get() == 4
 
 
-def test_parallelizable_forward_backward_is_abstract():
-    with pytest.raises(NotImplementedError):
-        pe.Parallelizable().forward_backward(0)
+def test_parallelizable_forward_backward_says_what_to_implement():
+    with pytest.raises(NotImplementedError, match=r"NotImplemented_ must implement forward_backward\(self, x\)"):
+        NotImplemented_().forward_backward(0)
+
+
+# --- start order: put() order, as gluonnlp's shared queue ----------------------
+
+
+class StartOrder(pe.Parallelizable):
+    """Records the order calls start in; "A" waits for ``release_a``."""
+
+    def __init__(self):
+        self.started = []  # appended to by the calls, one at a time (see the test)
+        self.a_started = threading.Event()
+        self.release_a = threading.Event()
+
+    def forward_backward(self, x):
+        self.started.append(x)
+        if x == "A":
+            self.a_started.set()
+            assert self.release_a.wait(TIMEOUT)
+        return x
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_calls_start_in_put_order(implementation):
+    # A keeps one worker busy. Per-worker queues filled in turn would put C
+    # behind A and D on the free worker, so D would start before C.
+    probe = StartOrder()
+    parallel = implementation()(2, probe, serial_init=False)
+    try:
+        parallel.put("A")
+        assert probe.a_started.wait(TIMEOUT)
+        for x in "BCD":
+            parallel.put(x)
+        # One worker is free: B and C run on it one after the other (and with
+        # gluonnlp, D too), so the order they start in is not a race.
+        got = [parallel.get(), parallel.get()]
+        probe.release_a.set()
+        got += [parallel.get(), parallel.get()]
+    finally:
+        probe.release_a.set()
+        close(parallel)
+    assert probe.started == ["A", "B", "C", "D"]
+    assert got[:2] == ["B", "C"]
+
+
+# --- autograd flags: the caller's at put(), on every call ------------------------
+
+
+class Flags(pe.Parallelizable):
+    def forward_backward(self, x):
+        return (autograd.is_recording(), autograd.is_training())
+
+
+FLAG_SCOPES = {
+    "record": (autograd.record, (True, True)),
+    "record_predict": (lambda: autograd.record(train_mode=False), (True, False)),
+    "train_mode": (autograd.train_mode, (False, True)),
+}
+
+
+@pytest.mark.parametrize("scope", FLAG_SCOPES)
+def test_every_call_runs_with_the_callers_autograd_flags_at_put(scope):
+    # Our decision: inline and worker calls alike see the caller's flags, as
+    # ContextExecutor tasks do, and the workers' own flags are restored after.
+    enter, flags = FLAG_SCOPES[scope]
+    with pe.Parallel(2, Flags(), serial_init=True) as parallel:
+        with enter():
+            for x in range(4):  # 2 inline (serial init), then 2 on the workers
+                parallel.put(x)
+        assert [parallel.get() for _ in range(4)] == [flags] * 4
+        for x in range(4):  # outside the scope: off everywhere, workers included
+            parallel.put(x)
+        assert [parallel.get() for _ in range(4)] == [(False, False)] * 4
+
+
+@pytest.mark.parametrize("scope", FLAG_SCOPES)
+def test_gluonnlp_worker_calls_run_with_autograd_off(scope):
+    # The documented difference (docs/migrating.md): gluonnlp's worker threads
+    # never see the caller's flags, only its inline serial-init calls do.
+    enter, flags = FLAG_SCOPES[scope]
+    parallel = gluonnlp_s()(2, Flags(), serial_init=True)
+    try:
+        with enter():
+            for x in range(4):
+                parallel.put(x)
+        assert [parallel.get() for _ in range(4)] == [flags, flags, (False, False), (False, False)]
+    finally:
+        close(parallel)
+
+
+def test_recording_in_the_caller_then_backward_there():
+    # What the decision allows and gluonnlp's worker calls cannot do: record
+    # in the caller around put(), backward() on what get() returned.
+    class Forward(pe.Parallelizable):
+        def forward_backward(self, x):
+            return (x * x).sum()
+
+    xs = [mx.nd.array([1.0, 2.0], ctx=c) for c in CPU2]
+    for x in xs:
+        x.attach_grad()
+    with pe.Parallel(2, Forward(), serial_init=False) as parallel:
+        with autograd.record():
+            for x in xs:
+                parallel.put(x)
+            losses = [parallel.get() for _ in xs]
+        autograd.backward(losses)
+    for x in xs:
+        np.testing.assert_allclose(x.grad.asnumpy(), [2.0, 4.0])
+
+
+# --- recovering after a forward_backward raised in put-all/get-all --------------
+
+
+def get_all(parallel, n):
+    """docs/migrating.md's recovery helper: take all ``n`` outcomes, then raise the first error."""
+    results, error = [], None
+    for _ in range(n):
+        try:
+            results.append(parallel.get())
+        except Exception as exc:  # noqa: PERF203 - keep going: every put gets its get
+            error = error or exc
+    if error is not None:
+        raise error
+    return results
+
+
+class FailOn(pe.Parallelizable):
+    def __init__(self, bad):
+        self.bad = bad
+
+    def forward_backward(self, x):
+        if x == self.bad:
+            raise ValueError(f"bad shard {x}")
+        return x
+
+
+def test_stopping_at_the_first_error_leaves_results_a_step_behind():
+    # The trap the documentation warns of: the other shard's result stays
+    # queued, and the next batch's get() returns it.
+    with pe.Parallel(2, FailOn(bad=0), serial_init=False) as parallel:
+        try:
+            for x in (0, 1):
+                parallel.put(x)
+            [parallel.get() for _ in range(2)]
+        except ValueError:
+            pass
+        for x in (10, 11):
+            parallel.put(x)
+        stale = [parallel.get(), parallel.get()]
+        assert 1 in stale  # the first batch's result, not the second's
+        parallel.get()  # drained
+
+
+def test_get_all_keeps_batches_in_step_after_an_error():
+    with pe.Parallel(2, FailOn(bad=0), serial_init=False) as parallel:
+        for x in (0, 1):
+            parallel.put(x)
+        with pytest.raises(ValueError, match="bad shard 0"):
+            get_all(parallel, 2)
+        for x in (10, 11):
+            parallel.put(x)
+        assert sorted(get_all(parallel, 2)) == [10, 11]
+        with pytest.raises(RuntimeError, match="no pending put"):
+            parallel.get()
+
+
+# --- which worker runs a call: dealt in turn, not taken by a free worker -------------
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_call_dealt_to_a_busy_worker_waits_while_gluonnlp_takes_a_free_one(implementation):
+    # The documented difference (docs/migrating.md): A holds worker 0, B ran on
+    # worker 1; C's turn is worker 0 here, while gluonnlp's free worker 1 takes it.
+    a_started, release_a, c_started = threading.Event(), threading.Event(), threading.Event()
+
+    class Probe(pe.Parallelizable):
+        def forward_backward(self, x):
+            if x == "A":
+                a_started.set()
+                assert release_a.wait(TIMEOUT)
+            if x == "C":
+                c_started.set()
+            return x
+
+    parallel = implementation()(2, Probe(), serial_init=False)
+    try:
+        parallel.put("A")
+        assert a_started.wait(TIMEOUT)
+        parallel.put("B")
+        assert parallel.get() == "B"
+        parallel.put("C")
+        if implementation is ours:
+            assert not c_started.wait(SHORT)  # waits behind A
+            release_a.set()
+            assert [parallel.get(), parallel.get()] == ["A", "C"]
+        else:
+            assert c_started.wait(TIMEOUT)
+            assert parallel.get() == "C"
+            release_a.set()
+            assert parallel.get() == "A"
+    finally:
+        release_a.set()
+        close(parallel)

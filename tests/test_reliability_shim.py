@@ -3,15 +3,18 @@
 test_compat.py has one round of two workers raising at once and a put after
 close. Here: many rounds of every worker raising at once (``Exception`` and
 ``BaseException`` kinds), puts and gets from several threads, and a put
-that races ``close()``.
+that races ``close()``; and a fork with calls pending.
 """
 
+import os
+import signal
 import threading
 
 import mxnet as mx
 import pytest
 
 import parallel_exec as pe
+from parallel_exec import _forkguard
 
 from conftest import TIMEOUT
 
@@ -181,3 +184,85 @@ def test_put_after_close_from_another_thread_raises(num_workers):
     assert parallel.get() == 1
     with pytest.raises(RuntimeError, match="no pending put"):
         parallel.get()
+
+
+# --- os.fork() with calls pending -------------------------------------------------
+
+
+class Blocking(pe.Parallelizable):
+    """Echoes x; "block" calls wait for ``release`` once all ``n`` have started."""
+
+    def __init__(self, n):
+        self.all_started = threading.Barrier(n + 1, timeout=TIMEOUT)
+        self.release = threading.Event()
+
+    def forward_backward(self, x):
+        if x == "block":
+            self.all_started.wait()
+            assert self.release.wait(TIMEOUT)
+        return x
+
+
+def in_forked_child(parallel, num_early, num_pending):
+    """What the child checks; returns the lines it reports."""
+    lines = [repr(parallel.get()) for _ in range(num_early)]  # reported before the fork
+    for _ in range(num_pending):  # the "block" calls (running at the fork) and "queued"
+        try:
+            parallel.get()
+            lines.append("returned")
+        except RuntimeError as exc:
+            lines.append("os.fork()" in str(exc) and "raised naming os.fork()")
+    try:
+        parallel.get()
+    except RuntimeError as exc:
+        lines.append("no pending put" in str(exc) and "nothing pending")
+    try:
+        parallel.put("new")
+    except RuntimeError as exc:
+        lines.append("put: " + ("os.fork()" in str(exc) and "refused naming os.fork()"))
+    with pe.Parallel(1, Blocking(0), serial_init=False) as fresh:
+        fresh.put("fresh")
+        lines.append(fresh.get())
+    return lines
+
+
+@pytest.mark.parametrize("num_workers", [1, 4])
+def test_forked_child_get_raises_at_once_for_calls_pending_at_the_fork(num_workers, monkeypatch):
+    # The "block" calls are running at the fork: the fork need not wait for them.
+    monkeypatch.setattr(_forkguard, "FORK_WAIT_SECONDS", 0.05)
+    parallizable = Blocking(num_workers)
+    parallel = pe.Parallel(num_workers, parallizable, serial_init=True)
+    try:
+        for _ in range(num_workers):
+            parallel.put("early")  # serial init: run inline, so reported before the fork
+        for _ in range(num_workers):
+            parallel.put("block")  # one per worker
+        parallizable.all_started.wait()
+        parallel.put("queued")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            status = 1
+            try:
+                signal.alarm(TIMEOUT)  # a get() that blocks kills the child, not the test
+                lines = in_forked_child(parallel, num_early=num_workers, num_pending=num_workers + 1)
+                os.write(write_end, "\n".join(map(str, lines)).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end) as report:
+            lines = report.read().splitlines()
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, f"child ended with status {status:#x}; reported {lines}"
+        assert lines == ["'early'"] * num_workers + ["raised naming os.fork()"] * (num_workers + 1) + [
+            "nothing pending", "put: refused naming os.fork()", "fresh"
+        ]
+        # The parent is unaffected: every put gets its outcome.
+        parallizable.release.set()
+        assert sorted(parallel.get() for _ in range(2 * num_workers + 1)) == sorted(
+            ["early"] * num_workers + ["block"] * num_workers + ["queued"]
+        )
+    finally:
+        parallizable.release.set()
+        parallel.close()
