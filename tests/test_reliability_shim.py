@@ -97,9 +97,9 @@ def test_puts_and_gets_from_several_threads_each_get_one_outcome():
 
 
 class PauseOnLookup(pe.Parallelizable):
-    """Pauses the first put between its closed-check and its submit.
+    """Pauses the armed put inside it, while close() runs.
 
-    ``put`` looks ``forward_backward`` up after checking ``close()``; the
+    ``put`` looks ``forward_backward`` up before it checks ``close()``; the
     lookup signals ``in_put`` and waits for ``closed``.
     """
 
@@ -138,11 +138,11 @@ def test_put_racing_close_raises_a_clear_error_and_get_does_not_hang():
     putter.start()
     try:
         assert parallizable.in_put.wait(TIMEOUT)
-        parallel.close()  # the put passed its check before this
+        parallel.close()  # the put has started, and has not submitted yet
     finally:
         parallizable.closed.set()
         putter.join(TIMEOUT)
-    # The put passed its closed-check before close() but submits after it.
+    # The put started before close() but would submit after it.
     assert isinstance(outcome[0], RuntimeError) and "close()" in str(outcome[0])
     # It left nothing pending: get() says so instead of blocking.
     getter_outcome = []
