@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import signal
-from typing import Callable, Optional
+from typing import Callable
 
 from ._supervisor import Job
 
@@ -40,6 +40,24 @@ def run_with_restarts(new_job: Callable[[int], Job], max_restarts: int, backoff:
         0 once an attempt succeeds; else the status of the last attempt, or
         128 + N when the launcher received signal N.
     """
+    # Between attempts the signals land here (each Job handles them while it
+    # runs, then puts these handlers back), so one that arrives after a
+    # failure, before or during the back-off, stops the launcher cleanly.
+    received: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    for signum in handled:
+        signal.signal(signum, lambda signum, frame: received.put(signum))  # put is reentrant
+    try:
+        return _run_attempts(new_job, max_restarts, backoff, received)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_attempts(
+    new_job: Callable[[int], Job], max_restarts: int, backoff: float, received: "queue.SimpleQueue[int]"
+) -> int:
     attempts = max_restarts + 1
     for attempt in range(attempts):
         job = new_job(attempt)
@@ -53,24 +71,10 @@ def run_with_restarts(new_job: Callable[[int], Job], max_restarts: int, backoff:
             return status
         delay = min(backoff * 2**attempt, _MAX_BACKOFF)
         LOGGER.warning("%s; restarting the whole job in %g s", failed, delay)
-        signum = _wait_unless_signalled(delay)
-        if signum is not None:
-            LOGGER.error("not restarting: the launcher received %s", signal.Signals(signum).name)
-            return 128 + signum
+        try:
+            signum = received.get(timeout=delay)
+        except queue.Empty:
+            continue
+        LOGGER.error("not restarting: the launcher received %s", signal.Signals(signum).name)
+        return 128 + signum
     raise AssertionError("unreachable: the last attempt returns")
-
-
-def _wait_unless_signalled(seconds: float) -> Optional[int]:
-    """Sleep ``seconds``; return early with the signal number on SIGINT, SIGTERM or SIGHUP."""
-    received: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.getsignal(signum) for signum in handled}
-    for signum in handled:
-        signal.signal(signum, lambda signum, frame: received.put(signum))  # put is reentrant
-    try:
-        return received.get(timeout=seconds)
-    except queue.Empty:
-        return None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
