@@ -13,6 +13,7 @@ import restart_train_script
 from mxnet import autograd, gluon
 
 from parallel_exec import dist
+from parallel_exec.dist import _checkpoint_files, _random_state
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "restart_train_script.py"
@@ -164,6 +165,30 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, message):
     arguments = {"net": net, "trainer": trainer, **kwargs}
     with pytest.raises(error, match=message):
         dist.Checkpointer(tmp_path, **arguments)
+
+
+@pytest.mark.parametrize("own_state", ["present", "damaged"])
+def test_another_worker_restores_its_own_random_state_or_else_rank_0s(tmp_path, caplog, own_state):
+    # Rank 0 writes the checkpoint; rank 1's random state is its own file
+    # beside it. A worker of rank 1 in a job of 1 needs no kvstore barrier.
+    net, trainer = make_net_and_trainer(seed=1)
+    random.seed(0)
+    path = dist.Checkpointer(tmp_path, net, trainer).save(2)
+    after_rank_0 = random.random()
+    rank_file = tmp_path / "checkpoint-0000000002.rank1.pe"
+    random.seed(1)
+    _checkpoint_files.write_atomically(rank_file, _random_state.capture([]))
+    after_rank_1 = random.random()
+    if own_state == "damaged":
+        rank_file.write_bytes(rank_file.read_bytes()[:-1])
+    rank_1 = dist.WorkerProcess("dist_sync", 1, 1)  # no kvstore: nothing else is read
+    with caplog.at_level(logging.WARNING, logger="parallel_exec.dist"):
+        assert dist.Checkpointer(tmp_path, net, trainer, worker=rank_1).restore().path == path
+    if own_state == "present":
+        assert random.random() == after_rank_1
+    else:
+        assert random.random() == after_rank_0
+        assert "using rank 0's random state: this worker's own (rank 1) is unusable: truncated" in caplog.text
 
 
 def test_a_trainer_that_updates_on_the_servers_is_refused(tmp_path):
