@@ -137,7 +137,9 @@ class Parallel:
         # after _serial_lock, before the executor's.
         self._lock = threading.Lock()
         # Guards _num_serial and serialises the serial-init calls (see put).
-        self._serial_lock = threading.Lock()
+        # Reentrant: a serial call that puts runs that call inline too, as
+        # the original does.
+        self._serial_lock = threading.RLock()
         self._num_serial = num_workers if serial_init else 0
         self._serial_done = self._num_serial == 0  # every serial call has returned
         self._pending = 0  # put() calls whose result no get() has taken yet
@@ -261,7 +263,7 @@ class Parallel:
         past them raises instead of blocking.
         """
         self._lock = threading.Lock()
-        self._serial_lock = threading.Lock()
+        self._serial_lock = threading.RLock()
         self._forked_from = os.getppid()
         self._calls.inputs.clear()  # their tasks failed with the executor's own fork error
         done: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()

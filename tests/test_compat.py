@@ -644,3 +644,30 @@ def test_a_call_dealt_to_a_busy_worker_waits_while_gluonnlp_takes_a_free_one(imp
     finally:
         release_a.set()
         close(parallel)
+
+
+@pytest.mark.parametrize("serial_init", [True, False])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_call_may_put_another(implementation, serial_init):
+    # A serial-init call runs inline while put() holds the serial lock: a put
+    # from inside it runs inline too (gluonnlp recurses), rather than deadlock.
+    class Nested(pe.Parallelizable):
+        def __init__(self):
+            self.parallel = None
+
+        def forward_backward(self, x):
+            if x == "outer":
+                self.parallel.put("inner")
+            return x
+
+    nested = Nested()
+    parallel = nested.parallel = implementation()(1, nested, serial_init=serial_init)
+    try:
+        putter = threading.Thread(target=parallel.put, args=("outer",), daemon=True)  # daemon: a deadlock fails
+        putter.start()
+        putter.join(TIMEOUT)
+        assert not putter.is_alive(), "put() from inside a call deadlocked"
+        assert sorted([parallel.get(), parallel.get()]) == ["inner", "outer"]
+    finally:
+        nested.parallel = None
+        close(parallel)
