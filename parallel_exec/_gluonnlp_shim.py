@@ -71,7 +71,12 @@ class _Calls:
 
     def run_next(self) -> None:
         """A worker task: run the oldest call put, whichever worker runs this."""
-        forward_backward, x = self.inputs.popleft()
+        try:
+            forward_backward, x = self.inputs.popleft()
+        except IndexError:
+            # The put() of this task raised after its submit had queued it (a
+            # KeyboardInterrupt, say) and took its input back: nothing to run.
+            return
         self.report(forward_backward, x)
 
     def report(self, forward_backward: Callable[[Any], Any], x: Any) -> None:
@@ -179,7 +184,14 @@ class Parallel:
                 try:
                     self._executor.submit(self._run_next)
                 except BaseException:
-                    self._calls.inputs.pop()  # ours: the lock kept other puts out
+                    # Take our input back: the rightmost, as the lock kept other
+                    # puts out. Gone only if submit queued the task before it
+                    # raised and a worker took the input: the call then runs,
+                    # and its outcome must still be someone's get().
+                    try:
+                        self._calls.inputs.pop()
+                    except IndexError:
+                        self._pending += 1
                     raise
                 self._pending += 1
         if inline:  # num_workers=0: outside the lock, a call may put() too

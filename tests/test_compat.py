@@ -181,13 +181,15 @@ def test_every_worker_raising_at_once_does_not_hang():
 
 
 class FirstPutWaits(pe.Parallelizable):
-    """Echoes x; the call for "first put" waits for ``release`` first."""
+    """Echoes x; the call for "first put" sets ``started``, then waits for ``release``."""
 
     def __init__(self, release):
         self._release = release
+        self.started = threading.Event()
 
     def forward_backward(self, x):
         if x == "first put":
+            self.started.set()
             assert self._release.wait(TIMEOUT)
         return x
 
@@ -236,8 +238,10 @@ def test_completion_order_holds_when_a_call_finishes_inside_put(monkeypatch):
 
     monkeypatch.setattr(pe.ContextExecutor, "submit", submit)
 
-    with pe.Parallel(2, FirstPutWaits(release_first), serial_init=False) as parallel:
+    probe = FirstPutWaits(release_first)
+    with pe.Parallel(2, probe, serial_init=False) as parallel:
         parallel.put("first put")
+        assert probe.started.wait(TIMEOUT)  # taken by a worker: the second call has the other
         parallel.put("second put")
         assert [parallel.get(), parallel.get()] == ["second put", "first put"]
 

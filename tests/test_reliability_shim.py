@@ -266,3 +266,54 @@ def test_forked_child_get_raises_at_once_for_calls_pending_at_the_fork(num_worke
     finally:
         parallizable.release.set()
         parallel.close()
+
+
+# --- a put() interrupted after its submit queued the call -------------------------
+
+
+class Interrupted(Exception):
+    """Stands for a KeyboardInterrupt arriving inside submit(), after it queued the task."""
+
+
+@pytest.mark.parametrize("taken_first", [False, True])
+def test_put_interrupted_after_submit_leaves_one_outcome_per_successful_put(taken_first, monkeypatch):
+    started = {x: threading.Event() for x in ("busy", "late", "after")}
+    release_busy = threading.Event()
+
+    class Echo(pe.Parallelizable):
+        def forward_backward(self, x):
+            started[x].set()
+            if x == "busy":
+                assert release_busy.wait(TIMEOUT)
+            return x
+
+    parallel = pe.Parallel(1, Echo(), serial_init=False)
+    real_submit = pe.ContextExecutor.submit
+
+    def submit_then_raise(self, fn, /, *args, **kwargs):
+        real_submit(self, fn, *args, **kwargs)
+        if taken_first:
+            assert started["late"].wait(TIMEOUT)  # a worker has taken the input
+        raise Interrupted
+
+    try:
+        if not taken_first:
+            parallel.put("busy")  # holds the one worker: the late call waits in the queue
+            assert started["busy"].wait(TIMEOUT)
+        monkeypatch.setattr(pe.ContextExecutor, "submit", submit_then_raise)
+        with pytest.raises(Interrupted):
+            parallel.put("late")
+        monkeypatch.undo()
+        release_busy.set()
+        if taken_first:  # the call ran: its outcome is the next get()'s
+            assert parallel.get() == "late"
+        else:  # taken back: it never runs, and its task finds nothing to do
+            assert parallel.get() == "busy"
+        parallel.put("after")
+        assert parallel.get() == "after"
+        with pytest.raises(RuntimeError, match="no pending put"):
+            parallel.get()
+        assert started["late"].is_set() == taken_first
+    finally:
+        release_busy.set()
+        parallel.close()
