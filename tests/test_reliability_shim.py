@@ -244,7 +244,10 @@ def test_forked_child_get_raises_at_once_for_calls_pending_at_the_fork(num_worke
         if pid == 0:  # the child: never returns into pytest
             status = 1
             try:
-                signal.alarm(TIMEOUT)  # a get() that blocks kills the child, not the test
+                # A get() that blocks kills the child, not the test; SIG_DFL: the
+                # kernel ends it, whatever Python handler pytest-timeout set.
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(TIMEOUT)
                 lines = in_forked_child(parallel, num_early=num_workers, num_pending=num_workers + 1)
                 os.write(write_end, "\n".join(map(str, lines)).encode())
                 status = 0
