@@ -29,7 +29,7 @@ import weakref
 from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import _lifecycle
+from . import _lazy_init, _lifecycle
 from ._future import TaskFuture
 from ._gate import SerialInitGate
 from ._mxnet import mx
@@ -133,6 +133,7 @@ class ContextExecutor(Executor):
         if not isinstance(thread_name_prefix, str):
             raise TypeError(f"thread_name_prefix must be a str, got {thread_name_prefix!r}")
         prefix = thread_name_prefix or f"ContextExecutor-{self._counter()}"
+        _lazy_init.install()  # Gluon's lazy init is safe whenever a task triggers it
 
         # Notified when a worker exits, starts or stops waiting at the gate or
         # inside shutdown. Lock order: after the gate's lock.
