@@ -13,8 +13,9 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
-from conftest import TIMEOUT
 from parallel_exec import _lazy_init
+
+from conftest import TIMEOUT
 
 TRIALS = 6
 
@@ -161,7 +162,7 @@ def test_nested_blocks_and_shared_parameters():
             outer.initialize(Wavy(trial), ctx=ctxs)  # twin's parameters are inner[0]'s
             barrier = threading.Barrier(2, timeout=TIMEOUT)
 
-            def use(block, ctx):
+            def use(block, ctx, barrier=barrier):
                 x = mx.nd.ones((2, 5), ctx=ctx)
                 barrier.wait()
                 return block(x).asnumpy()
