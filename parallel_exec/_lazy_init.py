@@ -68,8 +68,10 @@ def install() -> None:
         hybrid_block = mx.gluon.HybridBlock
         parameter._pe_initializing = False  # True while this package initialises it
         _patch(parameter, "_finish_deferred_init", _finish_deferred_init)
-        for accessor in ("data", "list_data", "grad", "list_grad"):
-            _patch(parameter, accessor, _read_parameter)
+        _patch(parameter, "data", _read_on_context)
+        _patch(parameter, "grad", _read_on_context)
+        _patch(parameter, "list_data", _read_all)
+        _patch(parameter, "list_grad", _read_all)
         _patch(hybrid_block, "_deferred_infer_shape", _deferred_infer_shape)
         _patch(hybrid_block, "_get_graph", _get_graph)
         _patch(hybrid_block, "_call_cached_op", _call_cached_op)
@@ -102,14 +104,28 @@ def _finish_deferred_init(original: Method) -> Method:
     return finish_deferred_init
 
 
-def _read_parameter(original: Method) -> Method:
-    def read_parameter(self: Any, *args: Any, **kwargs: Any) -> Any:
+# The readers keep the originals' signatures (no *args): they are on the
+# steady-state path of every forward pass.
+
+
+def _read_on_context(original: Method) -> Method:
+    def read_on_context(self: Any, ctx: Any = None) -> Any:
         if self._data is None or self._pe_initializing:
             with _lock:  # another thread may be initialising this parameter now
-                return original(self, *args, **kwargs)
-        return original(self, *args, **kwargs)
+                return original(self, ctx)
+        return original(self, ctx)
 
-    return read_parameter
+    return read_on_context
+
+
+def _read_all(original: Method) -> Method:
+    def read_all(self: Any) -> Any:
+        if self._data is None or self._pe_initializing:
+            with _lock:
+                return original(self)
+        return original(self)
+
+    return read_all
 
 
 def _deferred_infer_shape(original: Method) -> Method:
