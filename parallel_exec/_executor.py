@@ -12,7 +12,7 @@ Guarantees:
   the engine; in a forked child, inherited executors fail clearly.
 
 Assumptions:
-- MXNet's default context and autograd flags are per thread (``_state``).
+- MXNet's default context, autograd and NumPy flags are per thread (``_state``).
 - The GIL makes single-writer integer counters safe to read from any thread;
   reads are used only to balance load, where a stale value is harmless.
 """
@@ -34,7 +34,7 @@ from ._future import TaskFuture
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._routing import UnknownContextWarner, find_first_ndarray, pick_least_loaded
-from ._state import AutogradState, capture_autograd
+from ._state import TaskFlags, capture_flags
 from ._stats import ExecutorStats, WorkerStats
 from ._timeline import Timeline, TracedFuture, task_name
 from ._worker import WorkerSlot, WorkItem, drain_queues, wait_for_workers, worker_loop
@@ -85,8 +85,8 @@ class ContextExecutor(Executor):
     Each worker is pinned to its context for life: inside a task,
     ``mx.current_context()`` and ``parallel_exec.current_context()`` return
     it. ``submit`` routes a call to a worker of the context of its first
-    NDArray argument; ``submit_to`` names the context. The autograd flags of
-    the submitting thread are in force while the task runs. With
+    NDArray argument; ``submit_to`` names the context. The autograd and NumPy flags
+    of the submitting thread are in force while the task runs. With
     ``serial_init`` each worker's first task runs alone (Gluon's deferred
     initialisation is not thread-safe).
 
@@ -189,7 +189,7 @@ class ContextExecutor(Executor):
             BrokenContextExecutor: an initializer failed.
             TypeError: ``fn`` is not callable.
         """
-        item = self._new_item(fn, args, kwargs, capture_autograd())
+        item = self._new_item(fn, args, kwargs, capture_flags())
         self._enqueue([(self._candidates_for(args, kwargs), item)])
         return item.future
 
@@ -207,7 +207,7 @@ class ContextExecutor(Executor):
         candidates = self._slots_by_context.get(context)
         if candidates is None:
             raise ValueError(f"no worker is pinned to {context}; this executor's contexts are {list(self._contexts)}")
-        item = self._new_item(fn, args, kwargs, capture_autograd())
+        item = self._new_item(fn, args, kwargs, capture_flags())
         self._enqueue([(candidates, item)])
         return item.future
 
@@ -219,7 +219,7 @@ class ContextExecutor(Executor):
         Each call is routed as ``submit`` routes it, so the shards of
         ``split_and_load`` run on their own devices' workers. All calls are
         queued at once, before the first result is waited for: with one
-        autograd capture and one lock acquisition, which is most of what
+        flags capture and one lock acquisition, which is most of what
         dispatching a shard costs.
 
         Args:
@@ -233,8 +233,8 @@ class ContextExecutor(Executor):
             early cancels the calls that have not started.
         """
         end_time = None if timeout is None else time.monotonic() + timeout
-        autograd = capture_autograd()
-        routed = [(self._candidates_for(args, {}), self._new_item(fn, args, {}, autograd)) for args in zip(*iterables)]
+        flags = capture_flags()
+        routed = [(self._candidates_for(args, {}), self._new_item(fn, args, {}, flags)) for args in zip(*iterables)]
         self._enqueue(routed)
         return _results_in_order([item.future for _, item in routed], end_time)
 
@@ -249,12 +249,12 @@ class ContextExecutor(Executor):
             self._unknown_context_warner.warn_once(context)
         return candidates
 
-    def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, autograd: AutogradState) -> WorkItem:
+    def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         timeline = self._timeline
         future = TaskFuture() if timeline is None else TracedFuture(timeline, task_name(fn))
-        return WorkItem(future, fn, args, kwargs, autograd)
+        return WorkItem(future, fn, args, kwargs, flags)
 
     def _enqueue(self, routed: Sequence[Tuple[Optional[List[WorkerSlot]], WorkItem]]) -> None:
         """Put each item on a worker of its candidates (``None``: any, in turn)."""

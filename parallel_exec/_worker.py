@@ -17,7 +17,7 @@ from ._forkguard import begin_task, end_task
 from ._future import TaskFuture
 from ._gate import SerialInitGate
 from ._mxnet import mx
-from ._state import AutogradState, apply_autograd, capture_autograd, restore_autograd, set_worker_context
+from ._state import TaskFlags, apply_flags, capture_flags, restore_flags, set_worker_context
 from ._stats import WorkerCounters
 from ._timeline import Timeline, task_name
 
@@ -27,7 +27,7 @@ LOGGER = logging.getLogger("parallel_exec")
 class WorkItem:
     """One submitted call and the future it completes."""
 
-    __slots__ = ("future", "fn", "args", "kwargs", "autograd", "submit_ns")
+    __slots__ = ("future", "fn", "args", "kwargs", "flags", "submit_ns")
 
     def __init__(
         self,
@@ -35,13 +35,13 @@ class WorkItem:
         fn: Callable[..., Any],
         args: Tuple[Any, ...],
         kwargs: Mapping[str, Any],
-        autograd: AutogradState,
+        flags: TaskFlags,
     ) -> None:
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.autograd = autograd
+        self.flags = flags
         self.submit_ns = time.perf_counter_ns()
 
     def run(self, slot: "WorkerSlot", gate: Optional[SerialInitGate]) -> None:
@@ -49,7 +49,7 @@ class WorkItem:
 
         A task waiting at the serial-init gate has not started: its future
         stays pending, and cancellable, until it passes the gate. The gate is
-        left and the autograd flags restored before the future is completed,
+        left and MXNet's flags restored before the future is completed,
         so a caller woken by the result sees the worker ready for its next
         task.
         """
@@ -71,11 +71,11 @@ class WorkItem:
             # on the object itself, so a shared one would break across threads.
             # Entering it per task also undoes a context an earlier task left.
             with slot.pinned_context:
-                apply_autograd(self.autograd, slot.own_autograd)
+                scope = apply_flags(self.flags)
                 try:
                     result = self.fn(*self.args, **self.kwargs)
                 finally:
-                    restore_autograd(slot.own_autograd)
+                    restore_flags(slot.own_flags, scope)
         except BaseException as exc:  # any exception belongs to the future
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             future.set_exception(exc)
@@ -135,7 +135,7 @@ class WorkerSlot:
     """
 
     __slots__ = (
-        "index", "context", "pinned_context", "queue", "thread", "initialized", "running", "own_autograd",
+        "index", "context", "pinned_context", "queue", "thread", "initialized", "running", "own_flags",
         "counters", "timeline", "changed", "exited", "stopping", "gated", "in_gate",
     )
 
@@ -147,7 +147,7 @@ class WorkerSlot:
         self.thread: Optional[threading.Thread] = None
         self.initialized = False  # its first task has finished without raising
         self.running: Optional[WorkItem] = None  # the item taken off the queue, until it is done
-        self.own_autograd = AutogradState(False, False)  # the worker's flags between tasks
+        self.own_flags = TaskFlags(False, False, False, False)  # the worker's flags between tasks
         self.counters = WorkerCounters()
         self.timeline: Optional[Timeline] = None  # set while a recording is active
         self.changed = changed  # notified whenever one of the three below changes
@@ -226,7 +226,7 @@ def worker_loop(
                 slot.exited = True
                 slot.changed.notify_all()
             return
-    slot.own_autograd = capture_autograd()  # as the initializer left them
+    slot.own_flags = capture_flags()  # as the initializer left them
     work_queue = slot.queue
     ident = threading.get_ident()
     try:
