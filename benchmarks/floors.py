@@ -102,7 +102,7 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
     """
     shard = mx.nd.zeros((1,), ctx=mx.cpu(1))
     by_context = {mx.cpu(0): 0, mx.cpu(1): 1}
-    own = _state.AutogradState(False, False)
+    own = _state.capture_flags()
     pinned = mx.Context(mx.cpu(1))
 
     def future_life() -> None:
@@ -126,13 +126,21 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
             raise AssertionError("no timeline is being recorded")
 
     pieces: Dict[str, Callable[[], Any]] = {
-        "read the caller's autograd flags (2 MXNet C calls; once per map)": _state.capture_autograd,
+        "before: read the autograd flags through mx.autograd (2 GIL-releasing C calls)": lambda: (
+            mx.autograd.is_recording(), mx.autograd.is_training()
+        ),
+        "before: set the autograd flags through mx.autograd (2 GIL-releasing C calls)": lambda: (
+            mx.autograd.set_recording(False), mx.autograd.set_training(False)
+        ),
+        "read the caller's flags (3 GIL-keeping C calls + 1 attribute; once per map)": _state.capture_flags,
         "route: find the first NDArray and look up its context (1 C call)": lambda: by_context.get(
             _routing.find_first_ndarray((shard,), {}).context
         ),
         "a Future's life: create, run, set, read, cancel": future_life,
         "pin: enter and leave the worker's Context": pin,
-        "restore the worker's autograd flags (2 C calls)": lambda: _state.restore_autograd(own),
+        "apply and restore the flags in the worker (6 GIL-keeping C calls)": lambda: _state.restore_flags(
+            own, _state.apply_flags(own)
+        ),
         "timeline while none is recorded: two attribute reads": timeline_off,
     }
     try:

@@ -34,6 +34,8 @@ import memory  # noqa: E402
 import report  # noqa: E402
 import training  # noqa: E402
 
+RSS_MODELS = ("python-heavy", "compute-heavy")  # sync-in-step's memory is compute-heavy's
+
 
 @dataclass(frozen=True)
 class Size:
@@ -86,8 +88,9 @@ def main(argv=None) -> int:
 
     total = (
         len(size.dispatch_ns) * size.dispatch_rounds * dispatch.VARIANTS
-        + len(training.MODELS) * sum(size.training_rounds * (4 if n == 1 else 5) for n in size.training_ns)
-        + (len(training.MODELS) * len(training.VARIANTS) if size.rss_steps else 0)
+        + len(training.MODELS)
+        * sum(size.training_rounds * (len(training.VARIANTS) + (n > 1)) for n in size.training_ns)
+        + (len(RSS_MODELS) * len(training.RSS_VARIANTS) if size.rss_steps else 0)
     )
     # One tick per measurement, on stderr; the tables go to stdout.
     progress = tqdm(total=total, unit="measurement", file=sys.stderr, leave=False, disable=args.no_progress)
@@ -120,8 +123,8 @@ def main(argv=None) -> int:
     peaks = []
     if size.rss_steps:
         peaks = [
-            memory.peak_rss(model, size.rss_n, size.rss_steps, training.VARIANTS, progress.update)
-            for model in training.MODELS
+            memory.peak_rss(model, size.rss_n, size.rss_steps, training.RSS_VARIANTS, progress.update)
+            for model in RSS_MODELS
         ]
     grown = memory.growth(size.growth_tasks, 2)
     threads = memory.thread_rss()

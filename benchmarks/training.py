@@ -41,8 +41,10 @@ SEQUENTIAL = "sequential loop"
 GLUONNLP = "gluonnlp Parallel"
 MAP = "ContextExecutor.map"
 FUTURES = "ContextExecutor futures loop"
+PARALLEL = "pe.Parallel"
 REFERENCE = "sequential, 1 context"  # the single-context baseline every ratio to 1 context uses
-VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES)
+VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES, PARALLEL)
+RSS_VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES)  # the peak-RSS children (one process each)
 PROFILE_ROUNDS = 7  # recordings of a few steps per variant, for the span profile
 
 
@@ -57,6 +59,7 @@ class ModelSpec:
     features: int
     classes: int = 10
     learning_rate: float = 0.01
+    sync: bool = False  # forward_backward reads the loss on the host (loss.mean().asscalar())
 
 
 def _python_heavy() -> gluon.Block:
@@ -83,6 +86,10 @@ def _compute_heavy() -> gluon.Block:
 MODELS = {
     "python-heavy": ModelSpec("python-heavy", _python_heavy, hybridize=False, batch_per_context=64, features=16),
     "compute-heavy": ModelSpec("compute-heavy", _compute_heavy, hybridize=True, batch_per_context=128, features=512),
+    # The compute-heavy step as quickstarts and gluon-nlp's scripts write it: the
+    # step waits for its loss on the host, so a loop waits for each device in turn.
+    "sync-in-step": ModelSpec("sync-in-step", _compute_heavy, hybridize=True, batch_per_context=128, features=512,
+                              sync=True),
 }
 
 
@@ -105,6 +112,8 @@ class Replica:
         with autograd.record():
             loss = self.loss_fn(self.net(data), label)
         loss.backward()
+        if self.spec.sync:
+            return loss.mean().asscalar()
         return loss
 
     def fb(self, data: mx.nd.NDArray, label: mx.nd.NDArray) -> mx.nd.NDArray:
@@ -136,6 +145,8 @@ class Variant:
         n = len(replica.contexts)
         if name == GLUONNLP:
             self.parallel = gluonnlp_utils.Parallel(n, _GluonnlpShard(replica))
+        elif name == PARALLEL:
+            self.parallel = pe.Parallel(n, _GluonnlpShard(replica))
         elif name in (MAP, FUTURES):
             self.executor = pe.ContextExecutor(replica.contexts)
 
@@ -144,7 +155,7 @@ class Variant:
         if self.name in (SEQUENTIAL, REFERENCE):
             for shard in shards:
                 replica.forward_backward(shard)
-        elif self.name == GLUONNLP:
+        elif self.name in (GLUONNLP, PARALLEL):
             for shard in shards:
                 self.parallel.put(shard)
             for _ in shards:
@@ -160,8 +171,10 @@ class Variant:
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
-        if self.parallel is not None:
+        if self.name == GLUONNLP:
             close_gluonnlp_parallel(self.parallel)
+        elif self.parallel is not None:
+            self.parallel.close()
 
 
 @dataclass

@@ -28,8 +28,8 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
     assert "OMP_NUM_THREADS" in stdout and "os.cpu_count()" in stdout
 
     # Every training variant of every model and N ended with the sequential loop's parameters.
-    training = [row for row in rows if row[0] in ("python-heavy", "compute-heavy")]
-    assert len(training) == 2 * (4 + 4), training  # 2 models x (N=1: 4 variants, N=2: 4 variants)
+    training = [row for row in rows if row[0] in ("python-heavy", "compute-heavy", "sync-in-step")]
+    assert len(training) == 3 * (5 + 5), training  # 3 models x (N=1: 5 variants, N=2: 5 variants)
     assert all(row[-1].startswith("yes (") for row in training), training
     agreement = [row for row in rows if row[0].endswith("all variants end with the same parameters")]
     assert agreement and all(row[1:] == ["yes", "met"] for row in agreement), agreement
@@ -40,8 +40,8 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
     assert "## Targets" in results and "## What the numbers mean for you" in results
     # Each target is explained in the report itself, with nothing to look up elsewhere.
     assert "What each target asks, and why" in results and "issue" not in results.lower()
-    for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png",
-                "overlap_python_heavy.png", "overlap_compute_heavy.png"):
+    for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png", "scaling_sync_in_step.png",
+                "overlap_python_heavy.png", "overlap_compute_heavy.png", "overlap_sync_in_step.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"]({png})" in results
 
