@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import mxnet as mx
 
 import parallel_exec as pe
-from parallel_exec import _routing, _state
+from parallel_exec import _held, _routing, _state
 
 
 class ThreadPerContext:
@@ -102,6 +102,7 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
     """
     shard = mx.nd.zeros((1,), ctx=mx.cpu(1))
     by_context = {mx.cpu(0): 0, mx.cpu(1): 1}
+    by_device = {(1, 0): 0, (1, 1): 1}
     own = _state.capture_flags()
     pinned = mx.Context(mx.cpu(1))
 
@@ -133,8 +134,11 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
             mx.autograd.set_recording(False), mx.autograd.set_training(False)
         ),
         "read the caller's flags (3 GIL-keeping C calls + 1 attribute; once per map)": _state.capture_flags,
-        "route: find the first NDArray and look up its context (1 C call)": lambda: by_context.get(
+        "before: route by the NDArray's .context (1 GIL-releasing C call + an mx.Context)": lambda: by_context.get(
             _routing.find_first_ndarray((shard,), {}).context
+        ),
+        "route: find the first NDArray and look up its device (1 GIL-keeping C call)": lambda: by_device.get(
+            _held.device_of(_routing.find_first_ndarray((shard,), {}))
         ),
         "a Future's life: create, run, set, read, cancel": future_life,
         "pin: enter and leave the worker's Context": pin,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from . import _lazy_init, _lifecycle
 from ._future import TaskFuture
 from ._gate import SerialInitGate
+from ._held import device_of
 from ._mxnet import mx
 from ._routing import UnknownContextWarner, find_first_ndarray, pick_least_loaded
 from ._state import TaskFlags, capture_flags
@@ -142,6 +143,9 @@ class ContextExecutor(Executor):
         self._slots_by_context: Dict["mx.Context", List[WorkerSlot]] = {}
         for slot in self._slots:
             self._slots_by_context.setdefault(slot.context, []).append(slot)
+        # The same lists by (device_typeid, device_id): routing reads an NDArray's
+        # device with one GIL-keeping call instead of building its mx.Context.
+        self._slots_by_device = {(c.device_typeid, c.device_id): slots for c, slots in self._slots_by_context.items()}
         self._round_robin = itertools.cycle(self._slots)
         self._unknown_context_warner = UnknownContextWarner(self._contexts)
         # Guards _shutdown, _broken, the routing state (_round_robin, the
@@ -243,10 +247,9 @@ class ContextExecutor(Executor):
         ndarray = find_first_ndarray(args, kwargs)
         if ndarray is None:
             return None
-        context = ndarray.context
-        candidates = self._slots_by_context.get(context)
+        candidates = self._slots_by_device.get(device_of(ndarray))
         if candidates is None:
-            self._unknown_context_warner.warn_once(context)
+            self._unknown_context_warner.warn_once(ndarray.context)
         return candidates
 
     def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:

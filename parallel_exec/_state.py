@@ -11,11 +11,10 @@ Reading or setting a C flag is a call into MXNet's C library, and these
 calls were the largest per-task cost of a worker: through ``mx.autograd``
 each one builds ctypes objects and releases the GIL, which a waiting thread
 can take, so four calls could cost four GIL hand-overs. Here they go through
-a ``ctypes.PyDLL`` handle of the same library, which keeps the GIL: the five
-functions used only read or write a ``thread_local`` of MXNet's
-``Imperative`` singleton, never block and never call back into Python, so
-holding the GIL across them cannot deadlock. (benchmarks/RESULTS.md has the
-measurements.)
+``_held``, which keeps the GIL: these functions only read or write a
+``thread_local`` of MXNet's ``Imperative`` singleton, never block and never
+call back into Python, so holding the GIL across them cannot deadlock
+(benchmarks/RESULTS.md has the measurements).
 
 The worker sets every C flag before and after each task instead of
 remembering what it last set: a done-callback or an initializer runs on the
@@ -25,10 +24,10 @@ read costs, so trusting nothing is free).
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from typing import Any, NamedTuple, Optional
 
+from . import _held
 from ._mxnet import mx
 
 _local = threading.local()
@@ -58,43 +57,9 @@ class TaskFlags(NamedTuple):
     np_array: bool  # npx.is_np_array()
 
 
-# The same shared library as mx.base._LIB (dlopen returns the loaded one),
-# called with the GIL held.
-_held = ctypes.PyDLL(mx.base._LIB._name)
-_is_recording = _held.MXAutogradIsRecording  # (bool *curr)
-_is_training = _held.MXAutogradIsTraining  # (bool *curr)
-_is_np_shape = _held.MXIsNumpyShape  # (int *curr)
-_set_recording = _held.MXAutogradSetIsRecording  # (int value, int *prev)
-_set_training = _held.MXAutogradSetIsTraining  # (int value, int *prev)
-_set_np_shape = _held.MXSetIsNumpyShape  # (int value, int *prev); 1 = on for this thread, 0 = off
-for _function in (_is_recording, _is_training, _is_np_shape, _set_recording, _set_training, _set_np_shape):
-    _function.restype = ctypes.c_int
-
 # mx.util.is_np_array() reads this thread-local's ``value``, a _NumpyArrayScope.
 _NumpyArrayScope: Any = mx.util._NumpyArrayScope
 _np_array_local = _NumpyArrayScope._current
-
-
-class _Buffers(threading.local):
-    """Out-parameters for the C calls, one set per thread (the GIL is kept
-    during a call, but another thread may run between two calls)."""
-
-    def __init__(self) -> None:
-        self.recording = ctypes.c_bool()
-        self.training = ctypes.c_bool()
-        self.np_shape = ctypes.c_int()
-        self.prev = ctypes.c_int()  # the setters' previous value, unused
-        self.recording_ref = ctypes.pointer(self.recording)
-        self.training_ref = ctypes.pointer(self.training)
-        self.np_shape_ref = ctypes.pointer(self.np_shape)
-        self.prev_ref = ctypes.pointer(self.prev)
-
-
-_buffers = _Buffers()
-
-
-def _raise_last_error() -> None:
-    mx.base.check_call(-1)  # raises MXNetError with MXNet's last error message
 
 
 _new_tuple = tuple.__new__
@@ -106,9 +71,9 @@ def _np_array_scope() -> Any:
 
 def capture_flags() -> TaskFlags:
     """Read the calling thread's flags (called by ``submit`` and ``map``)."""
-    b = _buffers
-    if _is_recording(b.recording_ref) | _is_training(b.training_ref) | _is_np_shape(b.np_shape_ref):
-        _raise_last_error()
+    b = _held.buffers
+    if _held.is_recording(b.recording_ref) | _held.is_training(b.training_ref) | _held.is_np_shape(b.np_shape_ref):
+        _held.raise_last_error()
     scope = getattr(_np_array_local, "value", None)
     # tuple.__new__ instead of TaskFlags(...): a NamedTuple's __new__ costs 0.3 us.
     return _new_tuple(TaskFlags, (b.recording.value, b.training.value, b.np_shape.value != 0,
@@ -116,10 +81,10 @@ def capture_flags() -> TaskFlags:
 
 
 def _set_c_flags(flags: TaskFlags) -> None:
-    prev = _buffers.prev_ref
-    failed = _set_recording(flags.recording, prev) | _set_training(flags.training, prev)
-    if failed | _set_np_shape(flags.np_shape, prev):
-        _raise_last_error()
+    prev = _held.buffers.prev_ref
+    failed = _held.set_recording(flags.recording, prev) | _held.set_training(flags.training, prev)
+    if failed | _held.set_np_shape(flags.np_shape, prev):
+        _held.raise_last_error()
 
 
 def apply_flags(flags: TaskFlags) -> Any:

@@ -1,7 +1,7 @@
-"""The flag calls that keep the GIL (``_state``) never deadlock, and their errors reach the future.
+"""The MXNet calls that keep the GIL (``_held``) never deadlock, and their errors reach the future.
 
-``_state`` calls MXNet's flag getters and setters through a ``ctypes.PyDLL``
-handle, holding the GIL. That is safe only because those functions never
+``_held`` calls MXNet's flag getters and setters, and the NDArray context
+getter routing uses, through a ``ctypes.PyDLL`` handle, holding the GIL. That is safe only because those functions never
 block: these tests run, on several workers at once, what would deadlock a
 held call that waits inside MXNet while an engine thread needs the GIL (a
 Python ``CustomOp``), operators whose output shape depends on data (the
@@ -21,7 +21,7 @@ import pytest
 from mxnet import autograd
 
 import parallel_exec as pe
-from parallel_exec import _state
+from parallel_exec import _held
 
 from conftest import TIMEOUT
 
@@ -104,7 +104,7 @@ def test_error_inside_a_held_call_fails_the_task_and_the_worker_serves_on(monkey
         return mx.base._LIB.MXSymbolCreateFromJSON(b"not json", ctypes.byref(ctypes.c_void_p()))
 
     with pe.ContextExecutor([mx.cpu(1)]) as ex:
-        monkeypatch.setattr(_state, "_set_training", failing)
+        monkeypatch.setattr(_held, "set_training", failing)
         with pytest.raises(mx.base.MXNetError):
             ex.submit(lambda: 1).result(TIMEOUT)
         monkeypatch.undo()
