@@ -71,7 +71,9 @@ def noop(x):
     return x
 
 
-def measure(n: int, tasks: int, rounds: int) -> Dict[str, Dict[str, Summary]]:
+def measure(
+    n: int, tasks: int, rounds: int, progress: Callable[[], None] = lambda: None
+) -> Dict[str, Dict[str, Summary]]:
     contexts = [mx.cpu(i) for i in range(n)]
     shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
     executor = pe.ContextExecutor(contexts)
@@ -106,7 +108,7 @@ def measure(n: int, tasks: int, rounds: int) -> Dict[str, Dict[str, Summary]]:
     try:
         for run in variants.values():
             run()
-        us = run_rounds(variants, rounds)
+        us = run_rounds(variants, rounds, progress)
     finally:
         _use("held")
         executor.shutdown()
@@ -119,22 +121,29 @@ def measure(n: int, tasks: int, rounds: int) -> Dict[str, Dict[str, Summary]]:
     return out
 
 
+VARIANTS = 2 + 2 * len(IMPLEMENTATIONS)  # measurements per round, for the progress bar
+
+
+def table(results: Dict[int, Dict[str, Dict[str, Summary]]]) -> str:
+    """Markdown tables: microseconds per task, then paired ratios to ``ThreadPoolExecutor``."""
+    ns = list(results)
+    align = "l" + "r" * len(ns)
+    names = list(results[ns[0]]["us"])
+    per_task = markdown_table(["variant", *(f"N={n}: us/task" for n in ns)],
+                              [[name, *(results[n]["us"][name].fmt(1) for n in ns)] for name in names], align)
+    names = list(results[ns[0]]["vs TPE"])
+    paired = markdown_table(["paired ratio to ThreadPoolExecutor", *(f"N={n}" for n in ns)],
+                            [[name, *(results[n]["vs TPE"][name].fmt(2) for n in ns)] for name in names], align)
+    return per_task + "\n\n" + paired
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--n", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
-    results = {n: measure(n, args.tasks, args.rounds) for n in args.n}
-    names = list(results[args.n[0]]["us"])
-    print(markdown_table(["variant", *(f"N={n}: us/task" for n in args.n)],
-                         [[name, *(results[n]["us"][name].fmt(1) for n in args.n)] for name in names],
-                         "l" + "r" * len(args.n)))
-    print()
-    names = list(results[args.n[0]]["vs TPE"])
-    print(markdown_table(["paired ratio to ThreadPoolExecutor", *(f"N={n}" for n in args.n)],
-                         [[name, *(results[n]["vs TPE"][name].fmt(2) for n in args.n)] for name in names],
-                         "l" + "r" * len(args.n)))
+    print(table({n: measure(n, args.tasks, args.rounds) for n in args.n}))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Dict, List
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+import hot_path  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
@@ -213,7 +214,7 @@ def _images(names: List[str]) -> str:
 
 
 def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], timings: Dict[str, float],
-          dispatch_results, pieces, training_results, peaks, grown, threads) -> List[str]:
+          dispatch_results, pieces, flag_ab, training_results, peaks, grown, threads) -> List[str]:
     """Write RESULTS.md and the PNGs into ``out``; return the file names."""
     scaling = plot_scaling(training_results, out)
     overlap = plot_overlap(training_results, out)
@@ -233,6 +234,7 @@ def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], 
         dispatch_rounds=next(iter(dispatch_results[0].us_per_task.values())).n,
         dispatch_table=dispatch.table(dispatch_results),
         pieces_table=dispatch.pieces_table(pieces),
+        flags_table=hot_path.table(flag_ab),
         training_steps=training_results[0].steps_per_measurement,
         training_rounds=next(iter(training_results[0].throughput.values())).n,
         batches=", ".join(f"{s.batch_per_context} ({s.name})" for s in training.MODELS.values()),

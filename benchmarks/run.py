@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks")
 sys.path.insert(0, HERE)
 
+import hot_path  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import dispatch  # noqa: E402
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     print("\n".join(f"{k}: {v}" for k, v in env.items()), "\n", flush=True)
 
     total = (
-        len(size.dispatch_ns) * size.dispatch_rounds * dispatch.VARIANTS
+        len(size.dispatch_ns) * size.dispatch_rounds * (dispatch.VARIANTS + hot_path.VARIANTS)
         + len(training.MODELS)
         * sum(size.training_rounds * (len(training.VARIANTS) + (n > 1)) for n in size.training_ns)
         + (len(RSS_MODELS) * len(training.RSS_VARIANTS) if size.rss_steps else 0)
@@ -101,10 +102,12 @@ def main(argv=None) -> int:
     dispatch_results = [
         dispatch.measure(n, size.dispatch_tasks, size.dispatch_rounds, progress.update) for n in size.dispatch_ns
     ]
+    flag_ab = {n: hot_path.measure(n, size.dispatch_tasks, size.dispatch_rounds, progress.update)
+               for n in size.dispatch_ns}
     pieces = floors.task_pieces()
     timings["dispatch"] = time.perf_counter() - t0
     _emit(progress, "## 1. Dispatch overhead\n\n" + dispatch.table(dispatch_results) + "\n\n"
-          + dispatch.pieces_table(pieces))
+          + dispatch.pieces_table(pieces) + "\n\n" + hot_path.table(flag_ab))
 
     t0 = time.perf_counter()
     overlap_n = 2 if 2 in size.training_ns else max(size.training_ns)
@@ -136,7 +139,8 @@ def main(argv=None) -> int:
     timings["total"] = time.perf_counter() - started
     files = report.write(
         args.out, command=command, size=name, note=args.note, env=env, timings=timings,
-        dispatch_results=dispatch_results, pieces=pieces, training_results=training_results, peaks=peaks, grown=grown,
+        dispatch_results=dispatch_results, pieces=pieces, flag_ab=flag_ab, training_results=training_results,
+        peaks=peaks, grown=grown,
         threads=threads,
     )
     print("\n" + report.targets_table(dispatch_results, training_results, peaks, grown))
