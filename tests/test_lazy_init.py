@@ -84,13 +84,17 @@ def shards(ctxs, seed=1):
 
 
 def replicas(net, ctxs):
-    """Each parameter's data and gradient on each context, as numpy."""
-    return {
-        (name, str(ctx), kind): getattr(param, kind)(ctx).asnumpy()
+    """Each parameter's data and gradient on each context, as numpy, in layer order.
+
+    A list, not keyed by name: Gluon numbers layers globally (dense9, dense10),
+    so two networks' names neither match nor sort alike.
+    """
+    return [
+        ((name, str(ctx), kind), getattr(param, kind)(ctx).asnumpy())
         for name, param in net.collect_params().items()
         for ctx in ctxs
         for kind in ("data", "grad")
-    }
+    ]
 
 
 def sequential_reference(ctxs, seed, hybridize, xs):
@@ -112,9 +116,9 @@ def test_fresh_networks_after_the_gates_opened(n, hybridize):
             net = fresh_net(ctxs, seed=trial, hybridize=hybridize)
             list(ex.map(make_step(net, n), xs, timeout=TIMEOUT))
             got = replicas(net, ctxs)
-            # Renamed layers: compare by position, not by Gluon's global names.
             expected = sequential_reference(ctxs, trial, hybridize, xs)
-            for (key, value), (_, want) in zip(sorted(got.items()), sorted(expected.items())):
+            assert len(got) == len(expected) == 5 * 2 * n * 2
+            for (key, value), (_, want) in zip(got, expected):
                 np.testing.assert_array_equal(value, want, err_msg=str(key))
             weights = [net[0].weight.data(c).asnumpy() for c in ctxs]
             for other in weights[1:]:
