@@ -133,12 +133,16 @@ def test_first_task_shutting_down_does_not_deadlock_with_the_gate(n, gate_waits)
     ex = pe.ContextExecutor(CONTEXTS[n])
     others = threading.Event()
 
+    inside = threading.Event()
+
     def first_task():
+        inside.set()
         others.wait(TIMEOUT)
         ex.shutdown(wait=True)
         return "stopped"
 
     stopper = ex.submit_to(ex.contexts[0], first_task)
+    assert inside.wait(TIMEOUT)  # it holds the gate before the others are submitted
     held = [ex.submit_to(c, int, 7) for c in ex.contexts[1:]]  # their first tasks wait at the gate
     gate_waits(n - 1)
     others.set()
@@ -258,11 +262,23 @@ def test_repeated_fork_while_workers_run_mxnet_tasks_never_hangs():
 # --- 3. tasks held at the gate have not started -------------------------------------
 
 
+def gate_holder(ex, release):
+    """Submit a first task to cpu(0) that holds the gate until ``release``.
+
+    Returns once it is inside the gate, so that a task submitted next
+    certainly waits there (otherwise it could pass the gate first).
+    """
+    inside = threading.Event()
+    blocker = ex.submit_to(mx.cpu(0), lambda: inside.set() or release.wait(TIMEOUT))
+    assert inside.wait(TIMEOUT)
+    return blocker
+
+
 def held_at_gate(gate_waits):
     """An executor whose cpu(1) first task is held at the gate by cpu(0)'s."""
     ex = pe.ContextExecutor(CONTEXTS[2])
     release = threading.Event()
-    blocker = ex.submit_to(mx.cpu(0), lambda: release.wait(TIMEOUT))
+    blocker = gate_holder(ex, release)
     held = ex.submit_to(mx.cpu(1), int, 5)
     gate_waits(1)
     return ex, release, blocker, held
@@ -297,7 +313,7 @@ def test_shutdown_cancel_futures_cancels_a_task_held_at_the_gate(gate_waits):
 def test_map_timeout_cancels_a_call_held_at_the_gate(gate_waits):
     ex = pe.ContextExecutor(CONTEXTS[2])
     release = threading.Event()
-    blocker = ex.submit_to(mx.cpu(0), lambda: release.wait(TIMEOUT))
+    blocker = gate_holder(ex, release)
     calls = ex.map(lambda x: x, [mx.nd.ones(1, ctx=mx.cpu(1))], timeout=0.05)
     gate_waits(1)
     try:
