@@ -1,7 +1,7 @@
 """Sphinx configuration: Markdown pages (MyST), API reference from the docstrings.
 
 Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html``; the code
-blocks marked ``testcode`` run with ``-b doctest``. tests/test_docs.py does both.
+blocks marked ``testcode`` run with ``-b doctest``. tests/checks/test_docs.py does both.
 """
 
 import ast

@@ -1,4 +1,4 @@
-"""Shared fixtures. Every wait in a test uses TIMEOUT: hit only on deadlock."""
+"""Shared fixtures and hooks; shared constants and runners are in ``helpers``."""
 
 import gc
 import threading
@@ -9,31 +9,7 @@ import pytest
 
 import parallel_exec as pe
 
-TIMEOUT = 30
-
-CPU2 = [mx.cpu(0), mx.cpu(1)]
-
-# Prepended to the exit tests' fresh-interpreter scripts: ``say`` writes a
-# line in one call, so lines from several threads never interleave (print
-# writes the text and the newline apart). ``notice_exit()``, called after
-# the first executor or Parallel is created (parallel_exec's names, and its
-# exit hook, load on first use), sets ``exiting`` from an atexit hook that runs
-# before parallel_exec's (last in, first out): a task waiting on it is
-# certainly still running when the interpreter starts to exit.
-SCRIPT_PRELUDE = """
-import atexit
-import sys
-import threading
-
-exiting = threading.Event()
-
-def say(line):
-    sys.stdout.write(line + "\\n")
-    sys.stdout.flush()
-
-def notice_exit():
-    atexit.register(exiting.set)
-"""
+from helpers import CPU2, TIMEOUT
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,59 @@
+"""Smoke test of benchmarks/run.py at its smallest size. No timing is asserted."""
+
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+RUN = str(ROOT / "benchmarks" / "run.py")
+
+
+def table_rows(markdown):
+    """The cells of every Markdown table row in ``markdown``, separator rows left out."""
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows if not set("".join(row)) <= set("-: ")]
+
+
+def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
+    out = subprocess.run(
+        [sys.executable, RUN, "--smoke", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = out.stdout
+    for heading in ("## 1. Dispatch overhead", "## 2. Training-step throughput", "## 3. Memory"):
+        assert heading in stdout
+    rows = table_rows(stdout)
+    names = {row[0] for row in rows}
+    assert {"ContextExecutor map", "gluonnlp Parallel put/get"} <= names
+    assert "OMP_NUM_THREADS" in stdout and "os.cpu_count()" in stdout
+
+    # Every training variant of every model and N ended with the sequential loop's parameters.
+    training = [row for row in rows if row[0] in ("python-heavy", "compute-heavy", "sync-in-step")]
+    assert len(training) == 3 * (5 + 5), training  # 3 models x (N=1: 5 variants, N=2: 5 variants)
+    assert all(row[-1].startswith("yes (") for row in training), training
+    agreement = [row for row in rows if row[0].endswith("all variants end with the same parameters")]
+    assert agreement and all(row[1:] == ["yes", "met"] for row in agreement), agreement
+    assert not any("NO" in row for row in rows)
+
+    results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    assert "python benchmarks/run.py --smoke" in results
+    assert "## Targets" in results and "## What the numbers mean for you" in results
+    # Each target is explained in the report itself, with nothing to look up elsewhere.
+    assert "What each target asks, and why" in results and "issue" not in results.lower()
+    for png in ("scaling_python_heavy.png", "scaling_compute_heavy.png", "scaling_sync_in_step.png",
+                "overlap_python_heavy.png", "overlap_compute_heavy.png", "overlap_sync_in_step.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
+        assert f"]({png})" in results
+
+
+def test_a_run_writes_to_a_git_ignored_folder_by_default():
+    # Only ``--out benchmarks`` rewrites the committed RESULTS.md and plots.
+    # In a subprocess: importing run.py puts benchmarks/ on sys.path.
+    repo = os.path.dirname(os.path.dirname(RUN))
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(RUN)!r}); import run; print(run.DEFAULT_OUT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True)
+    assert os.path.relpath(out.stdout.strip(), repo).split(os.sep)[0] == "runs"
+    with open(os.path.join(repo, ".gitignore"), encoding="utf-8") as file:
+        assert "/runs/" in file.read().split()

@@ -1,0 +1,39 @@
+"""What the tests share besides fixtures: constants, scripts and runners.
+
+Every wait in a test uses TIMEOUT: hit only on deadlock. ``tests/`` is on
+``sys.path`` (pyproject's ``pythonpath``), so tests import ``helpers``.
+"""
+
+from pathlib import Path
+
+import mxnet as mx
+
+# The repository's root.
+ROOT = Path(__file__).resolve().parents[2]
+HELPERS = Path(__file__).resolve().parent
+
+TIMEOUT = 30
+
+CPU2 = [mx.cpu(0), mx.cpu(1)]
+
+# Prepended to the exit tests' fresh-interpreter scripts: ``say`` writes a
+# line in one call, so lines from several threads never interleave (print
+# writes the text and the newline apart). ``notice_exit()``, called after
+# the first executor or Parallel is created (parallel_exec's names, and its
+# exit hook, load on first use), sets ``exiting`` from an atexit hook that runs
+# before parallel_exec's (last in, first out): a task waiting on it is
+# certainly still running when the interpreter starts to exit.
+SCRIPT_PRELUDE = """
+import atexit
+import sys
+import threading
+
+exiting = threading.Event()
+
+def say(line):
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
+def notice_exit():
+    atexit.register(exiting.set)
+"""

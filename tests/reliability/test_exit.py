@@ -1,0 +1,206 @@
+"""Lifecycle: shutdown, garbage collection, interpreter exit, missing MXNet.
+
+The exit tests run a script in a fresh interpreter (``subprocess.run`` with
+a timeout, so a hang fails instead of blocking the suite) and read what it
+printed.
+"""
+
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+
+import mxnet as mx
+import pytest
+
+import parallel_exec as pe
+
+from helpers import CPU2, SCRIPT_PRELUDE, TIMEOUT
+
+
+def run_script(source: str) -> subprocess.CompletedProcess:
+    """Run ``source`` in a fresh interpreter; fail on a non-zero exit."""
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT_PRELUDE + textwrap.dedent(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, f"exit status {result.returncode}\n{output}"
+    return result
+
+
+def new_threads(before):
+    return [t for t in threading.enumerate() if t not in before]
+
+
+# --- in this process ------------------------------------------------------------
+
+
+def test_shutdown_leaves_no_thread():
+    before = set(threading.enumerate())
+    ex = pe.ContextExecutor(CPU2)
+    workers = new_threads(before)
+    assert len(workers) == len(CPU2)
+    ex.submit(mx.nd.ones, (2,)).result(TIMEOUT)
+    ex.shutdown()
+    assert not any(t.is_alive() for t in workers)
+
+
+def test_close_leaves_no_thread():
+    class Echo(pe.Parallelizable):
+        def forward_backward(self, x):
+            return x
+
+    before = set(threading.enumerate())
+    parallel = pe.Parallel(2, Echo(), serial_init=False)
+    workers = new_threads(before)
+    assert len(workers) == 2
+    parallel.put(1)
+    assert parallel.get() == 1
+    parallel.close()
+    assert not any(t.is_alive() for t in workers)
+
+
+def test_collected_executor_finishes_its_tasks_then_workers_exit():
+    before = set(threading.enumerate())
+    release = threading.Event()
+    started = threading.Event()
+
+    def parked():
+        started.set()
+        assert release.wait(TIMEOUT)
+        return "parked"
+
+    ex = pe.ContextExecutor(CPU2)
+    workers = new_threads(before)
+    running = ex.submit_to(CPU2[0], parked)
+    assert started.wait(TIMEOUT)
+    queued = [ex.submit_to(CPU2[0], lambda i=i: (mx.nd.ones((2,)) * i).sum().asscalar()) for i in range(3)]
+    collected = weakref.ref(ex)
+    del ex
+    gc.collect()
+    assert collected() is None  # workers hold no reference to the executor
+    release.set()
+    assert running.result(TIMEOUT) == "parked"
+    assert [f.result(TIMEOUT) for f in queued] == [0.0, 2.0, 4.0]
+    for thread in workers:
+        thread.join(TIMEOUT)
+    assert not any(t.is_alive() for t in workers)
+
+
+# --- in a fresh interpreter -------------------------------------------------------
+
+
+def test_exit_without_shutdown_runs_queued_tasks_and_exits_0():
+    result = run_script(
+        """
+        import threading
+        import mxnet as mx
+        import parallel_exec as pe
+
+        ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)])
+        notice_exit()
+        started = threading.Event()
+
+        def parked():
+            started.set()
+            exiting.wait(30)  # still running when the interpreter starts to exit
+            say("parked task done")
+
+        def queued(i):
+            total = (mx.nd.ones((2,)) * i).sum().asscalar()  # the engine still works
+            say(f"queued task {i} done: {total}")
+
+        ex.submit_to(mx.cpu(0), parked)
+        assert started.wait(30)
+        for i in range(4):
+            ex.submit_to(mx.cpu(i % 2), queued, i)
+        say("main thread ends")
+        """
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "main thread ends"
+    assert sorted(lines[1:]) == ["parked task done"] + [f"queued task {i} done: {2.0 * i}" for i in range(4)]
+
+
+def test_module_global_executor_and_parallel_exit_0():
+    result = run_script(
+        """
+        import mxnet as mx
+        import parallel_exec as pe
+
+        class Echo(pe.Parallelizable):
+            def forward_backward(self, x):
+                return x
+
+        EXECUTOR = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)])
+        PARALLEL = pe.Parallel(2, Echo(), serial_init=False)
+        print(EXECUTOR.submit(mx.nd.ones, (2,)).result(30).sum().asscalar(), flush=True)
+        PARALLEL.put("put")
+        print(PARALLEL.get(), flush=True)
+        """
+    )
+    assert result.stdout.splitlines() == ["2.0", "put"]
+
+
+def test_submit_during_interpreter_exit_raises():
+    result = run_script(
+        """
+        import atexit
+
+        def submit_at_exit():
+            for submit in (lambda: EX.submit(print, "ran"), lambda: EX.submit_to(mx.cpu(0), print, "ran")):
+                try:
+                    submit()
+                except RuntimeError as exc:
+                    print("refused:", exc, flush=True)
+
+        # Registered before parallel_exec's hook, so (last in, first out) it
+        # runs after that hook has stopped the workers.
+        atexit.register(submit_at_exit)
+
+        import mxnet as mx
+        import parallel_exec as pe
+
+        EX = pe.ContextExecutor([mx.cpu(0), mx.cpu(1)])
+        EX.submit(print, "before exit").result(30)
+        """
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "before exit"
+    assert len(lines) == 3
+    for line in lines[1:]:
+        assert line.startswith("refused:") and "interpreter shutdown" in line
+
+
+@pytest.mark.parametrize("hide", ["None", "raise"])
+def test_import_without_mxnet_says_what_to_install(tmp_path, hide):
+    # Either way an import of mxnet fails: a None entry in sys.modules, or
+    # an mxnet package that raises ImportError (as a broken install does).
+    fake = tmp_path / "mxnet"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named mxnet (simulated)')\n")
+    result = run_script(
+        f"""
+        import sys
+        if {hide!r} == "None":
+            sys.modules["mxnet"] = None
+        else:
+            sys.path.insert(0, {str(tmp_path)!r})
+        import parallel_exec  # the top level loads MXNet-backed names on first use
+        try:
+            parallel_exec.ContextExecutor
+        except ImportError as exc:
+            print(type(exc).__name__, exc)
+        else:
+            print("imported without mxnet")
+        """
+    )
+    message = result.stdout
+    assert message.startswith("ImportError")
+    assert "needs MXNet" in message
+    assert "pip install" in message and "mxnet" in message
