@@ -225,7 +225,8 @@ def test_fork_goes_ahead_after_a_bounded_wait_for_a_task_that_waits_on_it(monkey
 
 def test_repeated_fork_while_workers_run_mxnet_tasks_never_hangs():
     # Without the hold, 3 of 6 such runs hung inside os.fork() (MXNet 1.9.1's
-    # fork handler racing a thread inside an MXNet call).
+    # fork handler racing a thread inside an MXNet call). Only the tasks call
+    # MXNet while the forks run.
     result = run_script(
         """
         import os
@@ -236,11 +237,15 @@ def test_repeated_fork_while_workers_run_mxnet_tasks_never_hangs():
         stop = threading.Event()
         def step(a):
             return mx.nd.dot(a, a).asnumpy().sum()
-        def feed(ctx):
-            a = mx.nd.ones((100, 100), ctx=ctx)
+        # The arrays are made here, not in the feeders: the hold covers the
+        # executor's tasks, and a feeder's own MXNet call racing a fork can
+        # hang it (CI saw that: a feeder inside mx.nd.ones at the first fork).
+        arrays = [mx.nd.ones((100, 100), ctx=c) for c in ex.contexts]
+        mx.nd.waitall()
+        def feed(a):
             while not stop.is_set():
                 ex.submit(step, a).result(30)
-        feeders = [threading.Thread(target=feed, args=(c,)) for c in ex.contexts]
+        feeders = [threading.Thread(target=feed, args=(a,)) for a in arrays]
         for t in feeders:
             t.start()
         for _ in range(40):
