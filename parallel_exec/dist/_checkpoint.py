@@ -230,7 +230,7 @@ class Checkpointer:
         return found
 
     def _load(self, state: Dict[str, Any], path: Path) -> None:
-        self._load_parameters(state["params"], path)
+        _load_parameters(self._net, state["params"], path)
         if self._trainer is not None and state["trainer"] is not None:
             with _files.scratch_file() as scratch:
                 Path(scratch).write_bytes(state["trainer"])
@@ -249,26 +249,27 @@ class Checkpointer:
             LOGGER.warning("using rank 0's random state: this worker's own (rank %d) is unusable: %s", self.rank, exc)
             return state["random"]
 
-    def _load_parameters(self, saved: Dict[str, np.ndarray], path: Path) -> None:
-        params = dict(_named_parameters(self._net))
-        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path} does not fit this network: missing {missing or 'nothing'}, "
-                f"unexpected {unexpected or 'nothing'}"
-            )
-        for name, param in params.items():
-            if tuple(param.shape) != saved[name].shape:
-                raise ValueError(
-                    f"checkpoint {path} does not fit this network: {name} has shape {saved[name].shape}, "
-                    f"the network's is {param.shape}"
-                )
-        for name, param in params.items():
-            # set_data also refreshes a local kvstore that holds the weights.
-            param.set_data(mx.nd.array(saved[name], dtype=saved[name].dtype))
-
-
 # -- helpers ------------------------------------------------------------------
+
+
+def _load_parameters(net: Any, saved: Dict[str, np.ndarray], path: Path) -> None:
+    """Check that ``saved`` fits ``net`` (names and shapes), then load it."""
+    params = dict(_named_parameters(net))
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit this network: missing {missing or 'nothing'}, "
+            f"unexpected {unexpected or 'nothing'}"
+        )
+    for name, param in params.items():
+        if tuple(param.shape) != saved[name].shape:
+            raise ValueError(
+                f"checkpoint {path} does not fit this network: {name} has shape {saved[name].shape}, "
+                f"the network's is {param.shape}"
+            )
+    for name, param in params.items():
+        # set_data also refreshes a local kvstore that holds the weights.
+        param.set_data(mx.nd.array(saved[name], dtype=saved[name].dtype))
 
 
 def _trainer_states(trainer: "mx.gluon.Trainer") -> bytes:
@@ -314,6 +315,6 @@ def _barrier(worker: Any) -> None:
     if worker.kvstore_type == "horovod":
         import horovod.mxnet as hvd
 
-        hvd.allreduce(mx.nd.zeros(1), name="parallel_exec.checkpoint.barrier").wait_to_files.read()
+        hvd.allreduce(mx.nd.zeros(1), name="parallel_exec.checkpoint.barrier").wait_to_read()
     else:
         worker.kvstore._barrier()  # ps-lite's global barrier of the worker group (mxnet 1.9.1)

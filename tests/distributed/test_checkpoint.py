@@ -1,9 +1,11 @@
 """dist.Checkpointer in one process: what is saved, atomicity, damaged files, resuming after a kill."""
 
 import logging
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -215,3 +217,36 @@ def test_a_run_killed_midway_resumes_to_the_parameters_of_an_uninterrupted_run(t
     assert sorted(params) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(params[name], value, err_msg=name)  # bitwise: same data order
+
+
+def _horovod_importable():
+    try:
+        import horovod.mxnet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not (_horovod_importable() or os.environ.get("PE_REQUIRE_HOROVOD") == "1"),
+    reason="needs Horovod built with MXNet support, the optional 'horovod' extra",
+)
+@pytest.mark.timeout(300)
+def test_a_horovod_job_saves_and_resumes_through_its_own_barrier(tmp_path):
+    # The Horovod barrier is an allreduce, not ps-lite's: a job of 2 processes
+    # saves at steps 2 and 4, then a longer run resumes from step 4.
+    horovodrun = Path(sys.executable).with_name("horovodrun")
+    options = ["--kvstore", "horovod", "--every", 2, "--checkpoint-dir", tmp_path / "ckpt", "--out", tmp_path]
+
+    def job(steps):
+        command = [horovodrun, "--gloo", "-np", 2, "-H", "localhost:2", sys.executable, SCRIPT, *options]
+        command += ["--steps", steps]
+        return subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=240, cwd=ROOT)
+
+    first = job(4)
+    assert first.returncode == 0, first.stdout + first.stderr
+    resumed = job(6)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} resumed from step 4" in resumed.stdout, resumed.stdout
+    assert "step 5 " in resumed.stdout and " step 3 " not in resumed.stdout
