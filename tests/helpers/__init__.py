@@ -22,11 +22,16 @@ CPU2 = [mx.cpu(0), mx.cpu(1)]
 # the first executor or Parallel is created (parallel_exec's names, and its
 # exit hook, load on first use), sets ``exiting`` from an atexit hook that runs
 # before parallel_exec's (last in, first out): a task waiting on it is
-# certainly still running when the interpreter starts to exit.
+# certainly still running when the interpreter starts to exit. A script still
+# running after 50 s (the runners' timeout is 60 s) prints every thread's
+# stack and exits, so a hang in CI shows where it hung.
 SCRIPT_PRELUDE = """
 import atexit
+import faulthandler
 import sys
 import threading
+
+faulthandler.dump_traceback_later(50, exit=True)
 
 exiting = threading.Event()
 
