@@ -138,6 +138,11 @@ def test_keyboard_interrupt_while_iterating_map_leaves_no_work_and_exits(source)
         import os
         import signal
 
+        # Python installs its Ctrl-C handler only where SIGINT is not ignored,
+        # and a background job of a non-interactive shell (how CI may start
+        # pytest) inherits it ignored: install it as a terminal session has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         started = []  # (task, whether the interrupt had been handled)
 
         def report():
