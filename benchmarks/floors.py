@@ -123,7 +123,7 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
     def timeline_off() -> None:
         # What a task pays for the timeline while none is recorded: submit
         # and the worker each read one attribute (_executor, _worker).
-        if executor._timeline is not None or slot.timeline is not None:
+        if executor._crew.timeline is not None or slot.timeline is not None:
             raise AssertionError("no timeline is being recorded")
 
     pieces: Dict[str, Callable[[], Any]] = {

@@ -14,6 +14,7 @@ import typing as _typing
 if _typing.TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from ._executor import BrokenContextExecutor, ContextExecutor
     from ._gluonnlp_shim import Parallel, Parallelizable
+    from ._pool import release_idle_threads
     from ._state import current_context
     from ._stats import ExecutorStats, WorkerStats
     from ._timeline import Timeline
@@ -29,6 +30,7 @@ __all__ = [
     "Timeline",
     "WorkerStats",
     "current_context",
+    "release_idle_threads",
 ]
 
 # Public name -> the private module that defines it.
@@ -41,6 +43,7 @@ _LAZY = {
     "Timeline": "._timeline",
     "WorkerStats": "._stats",
     "current_context": "._state",
+    "release_idle_threads": "._pool",
 }
 
 

@@ -1,12 +1,14 @@
 """Process-wide lifecycle: interpreter exit and ``os.fork()``.
 
-The executors' process-wide state (``parallel_exec.dist`` keeps its own, for
-the multi-process side). Executors register here so that:
+The executors' process-wide hooks (``parallel_exec.dist`` keeps its own
+state, for the multi-process side), registered when the first executor
+starts, not at import. They make sure that:
 - at interpreter exit every worker, a collected executor's included, finishes
-  the tasks already submitted and is joined (workers are daemon threads, so
-  this hook is what makes exit orderly);
+  the tasks already submitted and its thread is joined (worker threads are
+  daemons, so this hook is what makes exit orderly);
 - in a child process made by ``os.fork()``, where only the forking thread
-  exists, every inherited executor is disabled instead of hanging.
+  exists, every inherited executor is disabled instead of hanging, and the
+  pool of threads (``_pool``) starts empty.
 """
 
 from __future__ import annotations
@@ -15,57 +17,54 @@ import atexit
 import os
 import threading
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from . import _forkguard, _mxnet  # noqa: F401  mxnet first: see the atexit comment below
-from ._worker import WorkerSlot
+from . import _forkguard, _mxnet, _pool  # noqa: F401  mxnet first: see install()
 
-# Every executor not yet collected (duck-typed: ``shutdown`` and
-# ``_disable_after_fork``).
-_live_executors: "weakref.WeakSet[Any]" = weakref.WeakSet()
-# Every worker thread started, collected executors' included. Weak, so
-# finished threads do not pile up.
-_all_workers: "weakref.WeakKeyDictionary[threading.Thread, WorkerSlot]" = weakref.WeakKeyDictionary()
+# The workers of every executor not yet collected (``_crew.Crew``, duck-typed:
+# ``shutdown`` and ``_disable_after_fork``). Weak: it keeps none alive. The
+# threads are ``_pool``'s, which holds each only while it runs.
+_live_crews: "weakref.WeakSet[Any]" = weakref.WeakSet()
 # Set once by the exit hook; submit reads it to name the reason it refuses.
 exiting = False
 # Guards the globals above; lock order: before an executor's lock.
 _global_lock = threading.Lock()
+_installed = False
 
 
-def track(executor: Any, slots: Iterable[WorkerSlot]) -> None:
-    """Register a new executor and its started worker threads."""
+def install() -> None:
+    """Register the exit and fork hooks; called by every new executor, acts once."""
+    global _installed
     with _global_lock:
-        _live_executors.add(executor)
-        for slot in slots:
-            if slot.thread is not None:  # None only before the thread exists
-                _all_workers[slot.thread] = slot
+        if _installed:
+            return
+        _installed = True
+    # Registered after ``import mxnet``: atexit runs hooks last-in first-out,
+    # so this runs before mxnet's ``_notify_shutdown`` stops the engine that
+    # the tasks may still be using.
+    atexit.register(_stop_all_workers_at_exit)
+    _pool.install_fork_hook()
+    _forkguard.install()
+    if hasattr(os, "register_at_fork"):  # POSIX only
+        os.register_at_fork(after_in_child=_disable_executors_in_forked_child)
 
 
-def wake_workers_to_exit(slots: Sequence[WorkerSlot]) -> None:
-    """Finalizer of a collected executor: workers exit after their queue."""
-    for slot in slots:
-        slot.queue.put(None)
+def track(crew: Any) -> None:
+    """Register a new executor's workers."""
+    with _global_lock:
+        _live_crews.add(crew)
 
 
 def _stop_all_workers_at_exit() -> None:
-    """Let every worker finish its queued tasks, then join it."""
+    """Let every worker finish its queued tasks, then join every thread."""
     global exiting
     with _global_lock:
         exiting = True
-        executors = list(_live_executors)
-        workers = list(_all_workers.items())
-    for executor in executors:
-        executor.shutdown(wait=False)  # under its lock: no task lands after the sentinel
-    for _, slot in workers:
-        slot.queue.put(None)  # workers of collected executors (extra sentinels are harmless)
-    for thread, _ in workers:
-        thread.join()
-
-
-# Registered after ``import mxnet``: atexit runs hooks last-in first-out, so
-# this runs before mxnet's ``_notify_shutdown`` stops the engine that the
-# tasks may still be using.
-atexit.register(_stop_all_workers_at_exit)
+        crews = list(_live_crews)
+    for crew in crews:
+        crew.shutdown(wait=False)  # under its lock: no task lands after the sentinel
+    # A collected executor's finalizer has already told its workers to end.
+    _pool.close()
 
 
 def _disable_executors_in_forked_child() -> None:
@@ -77,11 +76,5 @@ def _disable_executors_in_forked_child() -> None:
     """
     global _global_lock
     _global_lock = threading.Lock()
-    _all_workers.clear()
-    for executor in list(_live_executors):
-        executor._disable_after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_disable_executors_in_forked_child)
-_forkguard.install()
+    for crew in list(_live_crews):
+        crew._disable_after_fork()

@@ -1,26 +1,64 @@
-"""Which worker a task goes to: pure functions (no threads), and the warning
-for an NDArray on a context that has no worker.
+"""Which worker a task goes to: the executor's routing tables (``Router``),
+the validation of its ``contexts``, and the warning for an NDArray on a
+context that has no worker. No threads of its own.
 
 Routing rule (docs/executor.md, Routing): the first ``mx.nd.NDArray`` in a depth-first,
 left-to-right walk of the positional arguments, then of the keyword values,
 decides the context; among several workers of that context the one with the
-fewest tasks queued or running wins. Otherwise the caller falls back to
-round-robin; an NDArray on a context without a worker is logged once per
+fewest tasks queued or running wins. Otherwise workers take turns
+(round-robin); an NDArray on a context without a worker is logged once per
 context and executor (``UnknownContextWarner``), since that is usually a
 shard on the wrong device.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, Generic, Iterator, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, TypeVar
 
+from ._held import device_of
 from ._mxnet import mx
 
 LOGGER = logging.getLogger("parallel_exec")
 
 _NDArray = mx.nd.NDArray
+
+
+def check_contexts(contexts: Any) -> Tuple["mx.Context", ...]:
+    """Validate the ``contexts`` argument; return it as a tuple."""
+    if isinstance(contexts, mx.Context):
+        raise TypeError(f"contexts must be a sequence of mx.Context, got a single Context; write [{contexts!r}]")
+    if isinstance(contexts, (str, bytes)):
+        raise TypeError(f"contexts must be a sequence of mx.Context, got a string: {contexts!r}")
+    try:
+        result = tuple(contexts)
+    except TypeError:
+        got = f"{type(contexts).__name__}: {contexts!r}"
+        raise TypeError(f"contexts must be a sequence of mx.Context, got {got}") from None
+    if not result:
+        raise ValueError(
+            "contexts is empty: give at least one mx.Context, e.g. [mx.cpu(0)]; a list built from "
+            "mx.context.num_gpus() is empty where MXNet sees no GPU"
+        )
+    for i, context in enumerate(result):
+        if not isinstance(context, mx.Context):
+            raise TypeError(f"contexts[{i}] is not an mx.Context: {context!r}")
+    gpus = [(i, c) for i, c in enumerate(result) if c.device_type == "gpu"]
+    if gpus:
+        # Caught here rather than at the first task, where a CPU-only build
+        # says only "Operator ... is not implemented for GPU".
+        visible = mx.context.num_gpus()
+        for i, context in gpus:
+            if context.device_id >= visible:
+                seen = "no GPU" if visible == 0 else f"only {visible} GPU(s), gpu(0) to gpu({visible - 1})"
+                raise ValueError(
+                    f"contexts[{i}] is {context}, but MXNet sees {seen} (a CPU-only mxnet build, no CUDA "
+                    "driver, or CUDA_VISIBLE_DEVICES hides it); use CPU contexts such as "
+                    "[mx.cpu(0), mx.cpu(1)], or install the mxnet build for your CUDA (e.g. mxnet-cu112)"
+                )
+    return result
 
 
 def find_first_ndarray(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional["mx.nd.NDArray"]:
@@ -102,3 +140,71 @@ class UnknownContextWarner:
             "(split_and_load(data, ex.contexts)) or use submit_to(context, ...).",
             context, self._contexts,
         )
+
+
+class Worker(Protocol):
+    """What routing reads of a worker (``_worker.WorkerSlot``)."""
+
+    context: "mx.Context"
+
+    @property
+    def load(self) -> int: ...
+
+
+W = TypeVar("W", bound=Worker)
+
+
+class Router(Generic[W]):
+    """An executor's routing tables: which workers serve which context, and whose turn it is.
+
+    Fixed after construction, but for the round-robin turn, which ``pick``
+    advances under the executor's lock.
+
+    Args:
+        workers: the executor's workers, in the order of its contexts.
+    """
+
+    def __init__(self, workers: Sequence[W]) -> None:
+        self.contexts = tuple(worker.context for worker in workers)
+        self._by_context: Dict["mx.Context", List[W]] = {}
+        for worker in workers:
+            self._by_context.setdefault(worker.context, []).append(worker)
+        # The same lists by (device_typeid, device_id): routing reads an NDArray's
+        # device with one GIL-keeping call instead of building its mx.Context.
+        self._by_device: Dict[Tuple[int, int], List[W]] = {
+            (c.device_typeid, c.device_id): listed for c, listed in self._by_context.items()
+        }
+        self._round_robin = itertools.cycle(workers)
+        self._warner = UnknownContextWarner(self.contexts)
+
+    def candidates_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[List[W]]:
+        """The workers of the first NDArray's context; ``None`` for round-robin."""
+        ndarray = find_first_ndarray(args, kwargs)
+        if ndarray is None:
+            return None
+        candidates = self._by_device.get(device_of(ndarray))
+        if candidates is None:
+            self._warner.warn_once(ndarray.context)
+        return candidates
+
+    def workers_of(self, context: Any) -> List[W]:
+        """The workers pinned to ``context``.
+
+        Raises:
+            TypeError: ``context`` is not an ``mx.Context``.
+            ValueError: no worker is pinned to it.
+        """
+        if not isinstance(context, mx.Context):
+            raise TypeError(f"context must be an mx.Context, got {context!r}")
+        candidates = self._by_context.get(context)
+        if candidates is None:
+            raise ValueError(f"no worker is pinned to {context}; this executor's contexts are {list(self.contexts)}")
+        return candidates
+
+    def pick(self, candidates: Optional[List[W]]) -> W:
+        """The worker to run a task (called under the executor's lock)."""
+        if candidates is None:
+            return next(self._round_robin)
+        if len(candidates) == 1:
+            return candidates[0]
+        return candidates[pick_least_loaded([worker.load for worker in candidates])]

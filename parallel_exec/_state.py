@@ -44,8 +44,13 @@ def current_context() -> Optional["mx.Context"]:
 
 
 def set_worker_context(context: "mx.Context") -> None:
-    """Record ``context`` as this thread's worker context (worker start-up only)."""
+    """Pin this thread to ``context`` for the executor it starts serving.
+
+    Sets what ``current_context`` returns and MXNet's default context, so
+    code between tasks (done-callbacks) sees the worker's context too.
+    """
     _local.context = context
+    mx.Context._default_ctx.value = mx.Context(context)
 
 
 class TaskFlags(NamedTuple):
@@ -107,3 +112,30 @@ def restore_flags(own: TaskFlags, scope: Any) -> None:
             del _np_array_local.value
         else:
             _np_array_local.value = scope
+
+
+_OFF = TaskFlags(False, False, False, False)
+
+# MXNet's Python per-thread state: the default context, automatic names
+# (``dense0_``...), attribute and Gluon block scopes, the NumPy-array flag.
+_MXNET_LOCALS = (
+    mx.Context._default_ctx,
+    mx.name.NameManager._current,
+    mx.attribute.AttrScope._current,
+    mx.gluon.block._BlockScope._current,
+    _np_array_local,
+)
+
+
+def reset_thread_state() -> None:
+    """Give this thread MXNet's per-thread state as a new thread has it.
+
+    Called by a pooled worker thread between two executors, so nothing a
+    task of one left behind (a ``with ctx:`` never exited, flags, a name
+    counter) reaches the next: its C flags off, its Python thread-locals
+    (MXNet's and ``current_context``'s) empty. MXNet's C++ per-thread caches
+    are not reachable from here and are what the pool exists to keep.
+    """
+    _set_c_flags(_OFF)
+    for local in _MXNET_LOCALS + (_local,):
+        local.__dict__.clear()

@@ -1,8 +1,10 @@
-"""The worker side: one thread, one context, one queue of work items.
+"""The worker side: one worker, one context, one queue of work items.
 
 Modelled on CPython's ``concurrent/futures/thread.py`` (3.11): a tiny work
-item that always completes its future, and a module-level loop that holds no
-reference to the executor, so dropping the executor stops the workers.
+item that always completes its future, and a loop that holds no reference to
+the executor, so dropping the executor ends its workers. A worker runs on a
+thread of ``_pool``, which outlives it: ``WorkerJob`` is what the thread runs
+while it serves one executor.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from ._forkguard import begin_task, end_task
 from ._future import TaskFuture
@@ -128,7 +130,7 @@ class WorkItem:
 class WorkerSlot:
     """One worker's state.
 
-    Shutdown's waiters (``wait_for_workers``) watch ``exited``, ``stopping``
+    Shutdown's waiters (``_crew._wait_for_workers``) watch ``exited``, ``stopping``
     and ``gated`` under ``changed``, a condition shared by the executor's
     slots; the worker thread writes them, except ``stopping``, written by
     the worker's own thread from inside ``shutdown``.
@@ -151,7 +153,7 @@ class WorkerSlot:
         self.counters = WorkerCounters()
         self.timeline: Optional[Timeline] = None  # set while a recording is active
         self.changed = changed  # notified whenever one of the three below changes
-        self.exited = False  # the worker has left its loop
+        self.exited = False  # the worker has left its loop and its thread is idle again
         self.stopping = 0  # calls to shutdown(wait=True) running in this worker's thread
         self.gated = False  # waiting at the serial-init gate
         self.in_gate = False  # its running task was counted by the gate
@@ -168,43 +170,8 @@ class WorkerSlot:
             self.changed.notify_all()
 
 
-def wait_for_workers(slots: Sequence[WorkerSlot]) -> None:
-    """Block until every worker that is not waiting for the caller has exited.
-
-    Called by ``shutdown(wait=True)``. From a worker's own thread (a task or
-    a done-callback calling shutdown) it does not wait for that worker, nor
-    for workers inside ``shutdown`` themselves (each would wait for the
-    other), nor, while the caller's task holds the serial-init gate, for
-    workers waiting at it.
-    """
-    current = threading.current_thread()
-    me = next((slot for slot in slots if slot.thread is current), None)
-    if me is None:
-        with slots[0].changed:
-            slots[0].changed.wait_for(lambda: all(slot.exited for slot in slots))
-    else:
-        with me.changed:
-            me.stopping += 1
-            me.changed.notify_all()
-            try:
-                me.changed.wait_for(lambda: all(
-                    slot is me or slot.exited or slot.stopping or (slot.gated and me.in_gate) for slot in slots
-                ))
-            finally:
-                me.stopping -= 1
-    for slot in slots:
-        if slot.exited and slot.thread is not None and slot.thread is not current:
-            slot.thread.join()  # it has left its loop: returns at once
-
-
-def worker_loop(
-    slot: WorkerSlot,
-    gate: Optional[SerialInitGate],
-    initializer: Optional[Callable[..., Any]],
-    initargs: Sequence[Any],
-    on_initializer_failure: Callable[[], None],
-) -> None:
-    """Body of a worker thread: pin, initialise, then serve until ``None``.
+class WorkerJob:
+    """One executor's worker, run by a pooled thread pinned to its context (``_pool``).
 
     Args:
         slot: this worker's state; its queue delivers work items, and a
@@ -212,68 +179,70 @@ def worker_loop(
         gate: the executor's serial-init gate, or ``None`` without one.
         initializer: called once with ``initargs`` after pinning.
         on_initializer_failure: marks the executor broken and fails what is
-            pending; called if the initializer raises, and the worker exits.
+            pending; called if the initializer raises, and the loop ends.
     """
-    set_worker_context(slot.context)
-    if initializer is not None:
-        try:
-            with slot.pinned_context:
-                initializer(*initargs)
-        except BaseException:
-            LOGGER.critical("Exception in initializer of %s", threading.current_thread().name, exc_info=True)
-            on_initializer_failure()
-            with slot.changed:
-                slot.exited = True
-                slot.changed.notify_all()
-            return
-    slot.own_flags = capture_flags()  # as the initializer left them
-    work_queue = slot.queue
-    ident = threading.get_ident()
-    try:
-        while True:
-            item = work_queue.get()
-            if item is None:
-                return
-            slot.running = item
-            begin_task(ident)  # holds here while os.fork() runs
+
+    __slots__ = ("slot", "gate", "initializer", "initargs", "on_initializer_failure")
+
+    def __init__(
+        self,
+        slot: WorkerSlot,
+        gate: Optional[SerialInitGate],
+        initializer: Optional[Callable[..., Any]],
+        initargs: Sequence[Any],
+        on_initializer_failure: Callable[[], None],
+    ) -> None:
+        self.slot = slot
+        self.gate = gate
+        self.initializer = initializer
+        self.initargs = initargs
+        self.on_initializer_failure = on_initializer_failure
+
+    def run(self) -> None:
+        """Pin, initialise, then serve until ``None``; never raises."""
+        slot = self.slot
+        set_worker_context(slot.context)
+        if self.initializer is not None:
             try:
-                item.run(slot, gate)
+                with slot.pinned_context:
+                    self.initializer(*self.initargs)
             except BaseException:
-                # The future is complete by now: what escapes is a done-callback's
-                # KeyboardInterrupt or SystemExit (Future catches and logs only
-                # Exception from callbacks). Log it likewise and serve on;
-                # ending the loop would strand every task queued here.
-                LOGGER.critical("Exception in a done-callback, in worker %s", threading.current_thread().name,
-                                exc_info=True)
-            end_task(ident)
-            slot.running = None
-            del item  # do not keep the task's arguments alive while idle
-    except BaseException:  # only a bug in this module can get here
-        LOGGER.critical("Exception in worker %s", threading.current_thread().name, exc_info=True)
-    finally:
+                LOGGER.critical("Exception in initializer of %s", threading.current_thread().name, exc_info=True)
+                self.on_initializer_failure()
+                return
+        slot.own_flags = capture_flags()  # as the initializer left them
+        try:
+            _serve_queue(slot, self.gate)
+        except BaseException:  # only a bug in this module can get here
+            LOGGER.critical("Exception in worker %s", threading.current_thread().name, exc_info=True)
+
+    def ended(self) -> None:
+        """Mark the worker exited, for shutdown's waiters (its thread is idle again)."""
+        slot = self.slot
         with slot.changed:
             slot.exited = True
             slot.changed.notify_all()
 
 
-def drain_queues(slots: Sequence[WorkerSlot]) -> List[Tuple[WorkerSlot, WorkItem]]:
-    """Take every queued work item off the workers' queues.
-
-    Exit sentinels (``None``) are put back, so a worker told to exit still
-    exits.
-    """
-    drained = []
-    for slot in slots:
-        sentinels = 0
-        while True:
-            try:
-                item = slot.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                sentinels += 1
-            else:
-                drained.append((slot, item))
-        for _ in range(sentinels):
-            slot.queue.put(None)
-    return drained
+def _serve_queue(slot: WorkerSlot, gate: Optional[SerialInitGate]) -> None:
+    """Run the slot's work items until the ``None`` sentinel."""
+    work_queue = slot.queue
+    ident = threading.get_ident()
+    while True:
+        item = work_queue.get()
+        if item is None:
+            return
+        slot.running = item
+        begin_task(ident)  # holds here while os.fork() runs
+        try:
+            item.run(slot, gate)
+        except BaseException:
+            # The future is complete by now: what escapes is a done-callback's
+            # KeyboardInterrupt or SystemExit (Future catches and logs only
+            # Exception from callbacks). Log it likewise and serve on;
+            # ending the loop would strand every task queued here.
+            LOGGER.critical("Exception in a done-callback, in worker %s", threading.current_thread().name,
+                            exc_info=True)
+        end_task(ident)
+        slot.running = None
+        del item  # do not keep the task's arguments alive while idle

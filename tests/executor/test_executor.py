@@ -354,17 +354,6 @@ def test_with_block_shuts_down_after_running_its_tasks():
         ex.submit(int)
 
 
-def test_no_worker_thread_remains_after_shutdown():
-    before = set(threading.enumerate())
-    ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1), mx.cpu(1)])
-    workers = set(threading.enumerate()) - before
-    assert len(workers) == 3
-    ex.submit(int).result(TIMEOUT)
-    ex.shutdown(wait=True)
-    assert not [t for t in workers if t.is_alive()]
-    assert not set(threading.enumerate()) & workers
-
-
 @pytest.mark.parametrize("wait", [True, False])
 def test_shutdown_from_inside_a_task_does_not_deadlock(executor, wait):
     future = executor.submit_to(mx.cpu(0), lambda: executor.shutdown(wait=wait))

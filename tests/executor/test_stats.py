@@ -7,7 +7,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from parallel_exec import _executor
+from parallel_exec import _crew
 from parallel_exec._gate import SerialInitGate
 
 from helpers import CPU2, TIMEOUT
@@ -81,7 +81,7 @@ def gate_waits_signalled(monkeypatch):
 
             return super().enter(first, signal)
 
-    monkeypatch.setattr(_executor, "SerialInitGate", SignallingGate)
+    monkeypatch.setattr(_crew, "SerialInitGate", SignallingGate)
     return blocked
 
 

@@ -21,7 +21,7 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from parallel_exec import _executor
+from parallel_exec import _crew
 from parallel_exec._gate import SerialInitGate
 
 from helpers import CPU2, TIMEOUT
@@ -83,7 +83,7 @@ def arrivals(monkeypatch):
             log.record(pe.current_context())
             return super().enter(first, on_wait)
 
-    monkeypatch.setattr(_executor, "SerialInitGate", RecordingGate)
+    monkeypatch.setattr(_crew, "SerialInitGate", RecordingGate)
     return log
 
 

@@ -42,3 +42,14 @@ def say(line):
 def notice_exit():
     atexit.register(exiting.set)
 """
+
+
+def left_their_executor(workers):
+    """Whether every worker thread has ended or gone back, idle, to parallel_exec's pool."""
+    return all(not t.is_alive() or t.name.startswith("parallel_exec-idle") for t in workers)
+
+
+def wait_until_workers_end(slots):
+    """Wait until the workers of ``slots`` (an executor's ``_slots``) have ended; False on TIMEOUT."""
+    with slots[0].changed:
+        return slots[0].changed.wait_for(lambda: all(slot.exited for slot in slots), TIMEOUT)

@@ -17,7 +17,7 @@ import pytest
 
 import parallel_exec as pe
 
-from helpers import CPU2, SCRIPT_PRELUDE, TIMEOUT
+from helpers import CPU2, SCRIPT_PRELUDE, TIMEOUT, wait_until_workers_end
 
 
 def run_script(source: str) -> subprocess.CompletedProcess:
@@ -40,17 +40,7 @@ def new_threads(before):
 # --- in this process ------------------------------------------------------------
 
 
-def test_shutdown_leaves_no_thread():
-    before = set(threading.enumerate())
-    ex = pe.ContextExecutor(CPU2)
-    workers = new_threads(before)
-    assert len(workers) == len(CPU2)
-    ex.submit(mx.nd.ones, (2,)).result(TIMEOUT)
-    ex.shutdown()
-    assert not any(t.is_alive() for t in workers)
-
-
-def test_close_leaves_no_thread():
+def test_close_leaves_no_thread_serving():
     class Echo(pe.Parallelizable):
         def forward_backward(self, x):
             return x
@@ -62,10 +52,11 @@ def test_close_leaves_no_thread():
     parallel.put(1)
     assert parallel.get() == 1
     parallel.close()
+    assert pe.release_idle_threads() == 2  # both idle, kept for a later executor
     assert not any(t.is_alive() for t in workers)
 
 
-def test_collected_executor_finishes_its_tasks_then_workers_exit():
+def test_collected_executor_finishes_its_tasks_then_its_workers_go_idle():
     before = set(threading.enumerate())
     release = threading.Event()
     started = threading.Event()
@@ -81,14 +72,15 @@ def test_collected_executor_finishes_its_tasks_then_workers_exit():
     assert started.wait(TIMEOUT)
     queued = [ex.submit_to(CPU2[0], lambda i=i: (mx.nd.ones((2,)) * i).sum().asscalar()) for i in range(3)]
     collected = weakref.ref(ex)
+    slots = ex._slots  # they hold no reference to the executor
     del ex
     gc.collect()
     assert collected() is None  # workers hold no reference to the executor
     release.set()
     assert running.result(TIMEOUT) == "parked"
     assert [f.result(TIMEOUT) for f in queued] == [0.0, 2.0, 4.0]
-    for thread in workers:
-        thread.join(TIMEOUT)
+    assert wait_until_workers_end(slots)
+    assert pe.release_idle_threads() == 2
     assert not any(t.is_alive() for t in workers)
 
 
@@ -125,6 +117,45 @@ def test_exit_without_shutdown_runs_queued_tasks_and_exits_0():
     lines = result.stdout.splitlines()
     assert lines[0] == "main thread ends"
     assert sorted(lines[1:]) == ["parked task done"] + [f"queued task {i} done: {2.0 * i}" for i in range(4)]
+
+
+def test_exit_with_idle_threads_in_the_pool_exits_0():
+    result = run_script(
+        """
+        import mxnet as mx
+        import parallel_exec as pe
+
+        for i in range(3):
+            with pe.ContextExecutor([mx.cpu(0), mx.cpu(1)]) as ex:
+                ex.submit(lambda: (mx.nd.ones((2,)) * 2).sum().asscalar()).result(30)
+        say(f"idle threads: {sorted(t.name for t in threading.enumerate() if t.name != 'MainThread')}")
+        """
+    )
+    assert result.stdout.splitlines() == ["idle threads: ['parallel_exec-idle[cpu(0)]', 'parallel_exec-idle[cpu(1)]']"]
+
+
+def test_the_exit_and_fork_hooks_are_registered_by_the_first_executor_not_by_import():
+    result = run_script(
+        """
+        import atexit
+        import weakref
+        import mxnet as mx
+
+        class Anchor:
+            pass
+
+        weakref.finalize(Anchor, int)  # weakref registers its own exit hook with the first finalize
+        base = atexit._ncallbacks()
+        import parallel_exec as pe
+        pe.ContextExecutor, pe.Parallel  # their modules load
+        say(f"after import: {atexit._ncallbacks() - base}")
+        pe.ContextExecutor([mx.cpu(0)]).shutdown()
+        say(f"after the first executor: {atexit._ncallbacks() - base}")
+        pe.ContextExecutor([mx.cpu(0)]).shutdown()
+        say(f"after the second: {atexit._ncallbacks() - base}")
+        """
+    )
+    assert result.stdout.splitlines() == ["after import: 0", "after the first executor: 1", "after the second: 1"]
 
 
 def test_module_global_executor_and_parallel_exit_0():

@@ -10,16 +10,18 @@ the number matters. Every wait is bounded: a regression fails, never hangs.
 import concurrent.futures
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from parallel_exec import _executor, _forkguard
+from parallel_exec import _crew, _forkguard, _lifecycle
 from parallel_exec._gate import SerialInitGate
 
 from helpers import SCRIPT_PRELUDE, TIMEOUT
@@ -61,7 +63,7 @@ def gate_waits(monkeypatch):
         with cond:
             assert cond.wait_for(lambda: state["blocked"] >= count, TIMEOUT), "no task reached the gate"
 
-    monkeypatch.setattr(_executor, "SerialInitGate", SignallingGate)
+    monkeypatch.setattr(_crew, "SerialInitGate", SignallingGate)
     return wait_for_blocked
 
 
@@ -165,6 +167,7 @@ def fork_probe():
 class _ForkProbe:
     def __init__(self):
         self.on_fork = None
+        _lifecycle.install()  # parallel_exec's hooks first, so that this one runs before them
         os.register_at_fork(before=self._before)
 
     def _before(self):
@@ -221,6 +224,47 @@ def test_fork_goes_ahead_after_a_bounded_wait_for_a_task_that_waits_on_it(monkey
     assert task.result(TIMEOUT) is True
     assert "os.fork() went ahead while 1 parallel_exec task(s) still ran" in caplog.text
     ex.shutdown(wait=True)
+
+
+def test_a_child_forked_while_a_worker_held_a_futures_lock_does_not_deadlock(monkeypatch):
+    # The child's hook fails the inherited futures: it must not take their
+    # locks, which a thread that does not exist in the child may hold.
+    monkeypatch.setattr(_forkguard, "FORK_WAIT_SECONDS", 0.05)  # both workers stay busy
+    ex = warmed_up([mx.cpu(0), mx.cpu(1)], serial_init=False)
+    release, holding = threading.Event(), threading.Event()
+    victim = ex.submit_to(mx.cpu(0), release.wait, TIMEOUT)
+
+    def hold_the_victims_lock():
+        with victim._condition:  # as a thread completing or cancelling it does
+            holding.set()
+            release.wait(TIMEOUT)
+
+    holder = ex.submit_to(mx.cpu(1), hold_the_victims_lock)
+    assert holding.wait(TIMEOUT)
+    pid = os.fork()
+    if pid == 0:
+        exc = victim.exception(TIMEOUT)
+        os._exit(0 if isinstance(exc, RuntimeError) and "os.fork()" in str(exc) else 1)
+    try:
+        status = wait_for_child(pid)
+    finally:
+        release.set()
+    assert status == 0
+    assert victim.result(TIMEOUT) is True and holder.result(TIMEOUT) is None
+    ex.shutdown(wait=True)
+
+
+def wait_for_child(pid):
+    """The child's exit status; a child still running after TIMEOUT is killed and fails the test."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child {pid} hung")
 
 
 def test_repeated_fork_while_workers_run_mxnet_tasks_never_hangs():

@@ -35,7 +35,7 @@ import pytest
 
 import parallel_exec as pe
 
-from helpers import TIMEOUT
+from helpers import TIMEOUT, left_their_executor
 
 STRESS_TASKS = int(os.environ.get("PE_STRESS_TASKS", "20000"))
 MEMORY_TASKS = int(os.environ.get("PE_MEMORY_TASKS", "50000"))
@@ -269,9 +269,7 @@ def test_load_with_faults_loses_nothing():
         run.fire_shutdown.set()
         run.resume.set()
         ex.shutdown(wait=True)
-    for worker in workers:
-        worker.join(TIMEOUT)
-    assert not any(w.is_alive() for w in workers), f"worker left running (seed {seed})"
+    assert left_their_executor(workers), f"worker left running (seed {seed})"
     try:
         figures = check_load_run(run, refused[0] + refused[1])
         # A parking task ran (and was released) or, queued behind a backlog, was cancelled.

@@ -17,13 +17,13 @@ import mxnet as mx
 import pytest
 
 import parallel_exec as pe
-from parallel_exec import _executor
+from parallel_exec import _routing
 
-from helpers import CPU2, TIMEOUT
+from helpers import CPU2, TIMEOUT, left_their_executor
 
 
-def new_threads(before):
-    return [t for t in threading.enumerate() if t not in before]
+def workers_of(ex):
+    return [slot.thread for slot in ex._slots]
 
 
 def parked_executor(contexts=CPU2):
@@ -67,9 +67,8 @@ def test_submit_racing_shutdown_from_several_threads_loses_nothing(cancel_future
 
 
 def _race_submits_against_shutdown(round_, cancel_futures, num_submitters):
-    before = set(threading.enumerate())
     ex = pe.ContextExecutor([mx.cpu(0), mx.cpu(1), mx.cpu(1)])
-    workers = new_threads(before)
+    workers = workers_of(ex)
     everyone_submitted = threading.Barrier(num_submitters + 1, timeout=TIMEOUT)
     accepted = [[] for _ in range(num_submitters)]  # (value, future)
     refusals = [None] * num_submitters
@@ -93,7 +92,7 @@ def _race_submits_against_shutdown(round_, cancel_futures, num_submitters):
     ex.shutdown(wait=True, cancel_futures=cancel_futures)
     for thread in threads:
         thread.join(TIMEOUT)
-    assert not any(t.is_alive() for t in threads + workers)
+    assert not any(t.is_alive() for t in threads) and left_their_executor(workers)
     assert all("shutdown" in str(exc) for exc in refusals), refusals
     futures = [f for per_thread in accepted for _, f in per_thread]
     # shutdown(wait=True) returned: every accepted task had already run
@@ -149,7 +148,7 @@ def test_shutdown_arriving_while_submit_enqueues_still_runs_that_task():
     # worker's exit sentinel, so it runs and shutdown(wait=True) waits for it.
     ex = pe.ContextExecutor([mx.cpu(0)], serial_init=False)
     lock = ContendedLock()
-    ex._lock = lock  # white-box: to see shutdown waiting on it
+    ex._crew.lock = lock  # white-box: to see shutdown waiting on it
     in_put = threading.Event()
     ex._slots[0].queue = PausingQueue(ex._slots[0].queue, in_put, lock.contended)
     results = []
@@ -174,7 +173,7 @@ def test_submit_overtaken_by_shutdown_before_it_enqueues_raises(monkeypatch):
     # routing, before it takes the lock. submit must refuse, not queue a task
     # behind the exit sentinel where it would never run.
     in_routing, shut_down = threading.Event(), threading.Event()
-    real_find = _executor.find_first_ndarray
+    real_find = _routing.find_first_ndarray
 
     def slow_find(args, kwargs):
         if threading.current_thread().name == "late submitter":
@@ -182,7 +181,7 @@ def test_submit_overtaken_by_shutdown_before_it_enqueues_raises(monkeypatch):
             assert shut_down.wait(TIMEOUT)
         return real_find(args, kwargs)
 
-    monkeypatch.setattr(_executor, "find_first_ndarray", slow_find)
+    monkeypatch.setattr(_routing, "find_first_ndarray", slow_find)
     ex = pe.ContextExecutor(CPU2)
     outcome = []
 
@@ -216,19 +215,18 @@ def test_shutdown_from_two_threads_at_once_both_wait_for_the_running_task():
     queued = ex.submit(lambda: "queued")
     # White-box: the task is released only once both shutdown calls are
     # waiting for the worker, so neither can return before it finishes.
-    worker = ex._slots[0].thread
-    real_join = worker.join
     joining = []
     joining_lock = threading.Lock()
 
-    def join(timeout=None):
-        with joining_lock:
-            joining.append(threading.current_thread().name)
-            if len(joining) == 2:
-                release.set()
-        real_join(timeout)
+    class SeenCondition(threading.Condition):
+        def wait_for(self, predicate, timeout=None):
+            with joining_lock:
+                joining.append(threading.current_thread().name)
+                if len(joining) == 2:
+                    release.set()
+            return super().wait_for(predicate, timeout)
 
-    worker.join = join
+    ex._slots[0].changed = SeenCondition(threading.Lock())  # what shutdown's waiters wait on
     done_when_returned = []
 
     def shut_down():
@@ -323,11 +321,10 @@ class CustomBaseException(BaseException):
     ids=lambda e: type(e).__name__,
 )
 def test_with_block_left_by_an_exception_runs_what_was_submitted(exc):
-    before = set(threading.enumerate())
     release = threading.Event()
     with pytest.raises(type(exc)) as info:
         with pe.ContextExecutor(CPU2, serial_init=False) as ex:
-            workers = new_threads(before)
+            workers = workers_of(ex)
             parked = ex.submit_to(mx.cpu(0), lambda: release.wait(TIMEOUT) and "parked")
             queued = [ex.submit_to(c, lambda i=i: (mx.nd.ones((2,)) * i).sum().asscalar()) for i, c in
                       enumerate(CPU2 * 2)]
@@ -338,21 +335,20 @@ def test_with_block_left_by_an_exception_runs_what_was_submitted(exc):
     assert parked.done() and all(f.done() for f in queued)
     assert parked.result(0) == "parked"
     assert [f.result(0) for f in queued] == [0.0, 2.0, 4.0, 6.0]
-    assert not any(t.is_alive() for t in workers)
+    assert left_their_executor(workers)
     with pytest.raises(RuntimeError):
         ex.submit(int)
 
 
 def test_with_block_left_by_an_exception_while_iterating_map():
-    before = set(threading.enumerate())
     seen = []
     with pytest.raises(ZeroDivisionError):
         with pe.ContextExecutor(CPU2) as ex:
-            workers = new_threads(before)
+            workers = workers_of(ex)
             for value in ex.map(lambda x: 12 // x, [1, 2, 0, 3, 4], timeout=TIMEOUT):
                 seen.append(value)
     assert seen == [12, 6]
-    assert not any(t.is_alive() for t in workers)
+    assert left_their_executor(workers)
 
 
 # --- the atexit path ------------------------------------------------------------

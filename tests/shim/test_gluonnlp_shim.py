@@ -16,7 +16,7 @@ from mxnet import autograd, gluon
 
 import parallel_exec as pe
 
-from helpers import CPU2, TIMEOUT
+from helpers import CPU2, TIMEOUT, left_their_executor, wait_until_workers_end
 
 # Bounded wait for a call that must NOT start (it would overlap a first
 # call); only spent in full when the shim works.
@@ -366,7 +366,7 @@ def test_with_closes_and_stops_the_workers():
         assert parallel.get() == 2
         workers = [t for t in threading.enumerate() if t not in before]
         assert len(workers) == 2
-    assert not any(t.is_alive() for t in workers)
+    assert left_their_executor(workers)
     with pytest.raises(RuntimeError):
         parallel.put(1)
 
@@ -378,11 +378,11 @@ def test_dropping_the_last_reference_stops_the_workers():
     assert parallel.get() == 2
     workers = [t for t in threading.enumerate() if t not in before]
     assert len(workers) == 2
+    slots = parallel._executor._slots  # they hold no reference to the Parallel
     del parallel
     gc.collect()
-    for thread in workers:
-        thread.join(TIMEOUT)
-    assert not any(t.is_alive() for t in workers)
+    assert wait_until_workers_end(slots)
+    assert left_their_executor(workers)
 
 
 class NotImplemented_(pe.Parallelizable):
