@@ -2,9 +2,11 @@
 
 ruff (lint and import order) over the project and mypy over the package, with
 the configuration in pyproject.toml and the versions pinned by the ``dev``
-extra. Each runs as a subprocess from the repository root.
+extra. Each runs as a subprocess from the repository root. And the sizes of
+the package's modules, classes and functions.
 """
 
+import ast
 import subprocess
 import sys
 
@@ -33,3 +35,24 @@ def test_ruff_finds_nothing():
 def test_mypy_finds_nothing():
     proc = run_tool("mypy", timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# The sizes that keep each piece of the package readable in one sitting.
+MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 400, 200, 60
+
+
+@pytest.mark.timeout(60)
+def test_no_module_class_or_function_of_the_package_is_over_its_size():
+    too_long = []
+    for path in sorted((ROOT / "parallel_exec").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT)
+        if source.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    too_long.append(f"{name}: {node.name} {lines} lines")
+    assert not too_long, too_long
