@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/run.py at its smallest size. No timing is asserted."""
+"""Smoke tests of benchmarks/run.py at its smallest size and of churn.py. No timing is asserted."""
 
 import os
 import subprocess
@@ -57,3 +57,14 @@ def test_a_run_writes_to_a_git_ignored_folder_by_default():
     assert os.path.relpath(out.stdout.strip(), repo).split(os.sep)[0] == "runs"
     with open(os.path.join(repo, ".gitignore"), encoding="utf-8") as file:
         assert "/runs/" in file.read().split()
+
+
+def test_churn_quick_prints_its_tables():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--quick"],
+        capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = {row[0] for row in table_rows(out.stdout)}
+    assert {"ContextExecutor", "ThreadPoolExecutor(2)"} <= names
+    assert "paired per round" in out.stdout and "release_idle_threads() ended 2 idle thread(s)" in out.stdout
