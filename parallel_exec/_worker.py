@@ -119,8 +119,9 @@ class WorkItem:
     def fail_unrun(self, counters: WorkerCounters, exc: BaseException) -> None:
         """Complete the future of an item taken off a queue unrun with ``exc``.
 
-        The one way such futures end, whatever took them off (shutdown with
-        ``cancel_futures`` cancels them instead, through ``cancel()``).
+        The one way such futures fail in this process, whatever took them off
+        (shutdown with ``cancel_futures`` cancels them instead, through
+        ``cancel()``; a forked child uses ``TaskFuture.fail_in_forked_child``).
         """
         if self.future.set_running_or_notify_cancel():  # False: cancelled, counted already
             counters.count_failed_unrun()
