@@ -172,3 +172,38 @@ def test_a_collected_executor_hands_its_threads_back_after_its_queue():
     assert wait_until_workers_end(slots)  # and the thread is idle
     with pe.ContextExecutor([mx.cpu(0)]) as later:
         assert idents(later) == [worker.ident]
+
+
+def test_executors_opened_and_closed_from_several_threads_at_once_never_share_a_thread():
+    owners = {}  # thread ident -> the live executor's number that holds it
+    lock = threading.Lock()
+    shared, errors = [], []
+    start = threading.Barrier(4, timeout=TIMEOUT)
+
+    def churn(k):
+        try:
+            open_and_close_executors(k)
+        except BaseException as exc:  # reported by the test, not lost with the thread
+            errors.append(exc)
+
+    def open_and_close_executors(k):
+        start.wait()
+        for i in range(25):
+            with pe.ContextExecutor(CPU2) as ex:
+                mine = idents(ex)  # every worker of this executor, while it is alive
+                with lock:
+                    shared.extend(ident for ident in mine if ident in owners)
+                    owners.update({ident: (k, i) for ident in mine})
+                assert ex.submit(lambda: (mx.nd.ones((2,)) * 2).sum().asscalar()).result(TIMEOUT) == 4.0
+                with lock:  # before shutdown hands the threads back
+                    for ident in mine:
+                        del owners[ident]
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == [] and shared == []
+    assert _pool.idle_count() <= 8  # at most 4 executors x 2 contexts were alive at once
