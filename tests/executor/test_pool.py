@@ -190,10 +190,12 @@ def test_executors_opened_and_closed_from_several_threads_at_once_never_share_a_
         start.wait()
         for i in range(25):
             with pe.ContextExecutor(CPU2) as ex:
-                mine = idents(ex)  # every worker of this executor, while it is alive
+                # Its threads as handed out, before any task could queue behind another executor's.
+                mine = [slot.thread.ident for slot in ex._slots]
                 with lock:
                     shared.extend(ident for ident in mine if ident in owners)
                     owners.update({ident: (k, i) for ident in mine})
+                assert idents(ex) == mine
                 assert ex.submit(lambda: (mx.nd.ones((2,)) * 2).sum().asscalar()).result(TIMEOUT) == 4.0
                 with lock:  # before shutdown hands the threads back
                     for ident in mine:
