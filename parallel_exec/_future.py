@@ -17,8 +17,9 @@ behaviour it relies on.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, _base
-from typing import Optional, Protocol
+from _thread import allocate_lock as _allocate_lock
+from concurrent.futures import CancelledError, Future, _base
+from typing import Any, Optional, Protocol
 
 
 class CancelCounter(Protocol):
@@ -77,3 +78,75 @@ class TaskFuture(Future):
             self._state = _base.FINISHED
         elif self._state == _base.CANCELLED:  # cancel() was between its two steps
             self._state = _base.CANCELLED_AND_NOTIFIED
+
+
+class MapFuture:
+    """The future of one ``map`` call: what the worker and ``map``'s iterator use, and no more.
+
+    No user ever holds it (``map`` returns results, not futures), so it needs
+    no ``Condition``, done-callbacks, ``wait()`` or ``as_completed()``
+    support: two plain locks replace them. ``_claim`` is taken by whoever
+    first starts or cancels the call (so exactly one of them wins);
+    ``_done`` is held from creation until the call is finished or cancelled.
+    A ``Future``'s life (create, start, set, read) costs about 5 us here;
+    this one, a fraction of it (benchmarks/RESULTS.md).
+
+    Attributes:
+        counters: as ``TaskFuture.counters``.
+    """
+
+    __slots__ = ("counters", "_claim", "_done", "_cancelled", "_result", "_exception")
+
+    def __init__(self) -> None:
+        self.counters: Optional[CancelCounter] = None
+        self._claim = _allocate_lock()
+        self._done = _allocate_lock()
+        self._done.acquire()
+        self._cancelled = False
+        self._result: Any = None
+        self._exception: Optional[BaseException] = None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """Claim the call for running; False if it was cancelled first."""
+        return self._claim.acquire(False)
+
+    def cancel(self) -> bool:
+        """Cancel the call if nobody started it; return whether it is cancelled."""
+        if not self._claim.acquire(False):
+            return self._cancelled
+        self._cancelled = True
+        if self.counters is not None:
+            self.counters.count_cancelled()
+        self._done.release()
+        return True
+
+    def set_result(self, result: Any) -> None:
+        self._result = result
+        self._done.release()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._done.release()
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """The call's result, as ``Future.result``."""
+        if not self._done.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError()
+        self._done.release()  # done stays done for a later reader
+        if self._cancelled:
+            raise CancelledError()
+        if self._exception is not None:
+            try:
+                raise self._exception
+            finally:
+                self = None  # type: ignore[assignment]  # break the cycle through the traceback
+        return self._result
+
+    def fail_in_forked_child(self, exc: BaseException) -> None:
+        """As ``TaskFuture``'s: only the forking thread runs, so nothing races this."""
+        if self._done.locked():  # neither finished nor cancelled
+            self._exception = exc
+            self._done.release()

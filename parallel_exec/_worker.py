@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from ._forkguard import begin_task, end_task
-from ._future import TaskFuture
+from ._future import MapFuture, TaskFuture
 from ._gate import SerialInitGate
 from ._mxnet import mx
 from ._state import TaskFlags, apply_flags, capture_flags, restore_flags, set_worker_context
@@ -33,7 +33,7 @@ class WorkItem:
 
     def __init__(
         self,
-        future: TaskFuture,
+        future: "TaskFuture | MapFuture",
         fn: Callable[..., Any],
         args: Tuple[Any, ...],
         kwargs: Mapping[str, Any],
