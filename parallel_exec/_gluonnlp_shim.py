@@ -1,42 +1,46 @@
 """``Parallel`` and ``Parallelizable``: a drop-in for gluonnlp 0.10.0's.
 
-A thin adapter over ``ContextExecutor`` with no worker loop of its own. The
-original (``gluonnlp/utils/parallel.py``) loses a worker when
-``forward_backward`` raises, so ``get()`` hangs forever; here the exception
-travels to the matching ``get()``, which re-raises it.
+The original's design (``gluonnlp/utils/parallel.py``): worker threads take
+calls from one shared queue and put outcomes on another. It loses a worker
+when ``forward_backward`` raises, so ``get()`` hangs forever; here the
+exception travels to the matching ``get()``, which re-raises it. The threads
+are a ``ContextExecutor``'s, each running one long task, a loop over the
+shared queue (``_Calls.serve``), so a call costs a queue hand-off each way,
+as in the original, and the executor still owns the threads' life: reuse,
+exit, fork.
 
 Guarantees:
 - Every ``put()`` that returns gets exactly one outcome (a result or an
   exception) for a ``get()``, in completion order; in a child made by
   ``os.fork()``, calls that were queued or running in the parent's workers
   fail at once, naming ``os.fork()``.
-- Calls start in ``put()`` order, as with the original's one shared queue:
-  each worker task takes the oldest input of the shim's own FIFO when it
-  starts, whichever worker runs it.
-
-Assumptions:
-- ``collections.deque`` ``append``/``popleft`` are atomic (CPython, GIL).
-- A task the executor accepted runs (the shim never cancels one), so there
-  are always as many tasks to come as inputs in the FIFO.
+- Calls start in ``put()`` order: one FIFO, whichever worker takes a call.
+- The loops end after the calls put before ``close()``, the ``Parallel``'s
+  collection, or interpreter exit (this module's exit hook runs before the
+  executors' own, which waits for every worker task to end).
 """
 
 from __future__ import annotations
 
-import collections
+import atexit
 import operator
 import os
 import queue
 import threading
 import weakref
-from typing import Any, Callable, Deque, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from ._executor import ContextExecutor
+from ._forkguard import begin_task, end_task
 from ._mxnet import mx
+from ._state import TaskFlags, apply_flags, capture_flags, restore_flags
 
 Outcome = Tuple[bool, Any]  # (True, result) or (False, the exception raised)
 
-# Every Parallel not yet collected, for the fork hook at the end of the module.
+# Every Parallel not yet collected, for the fork and exit hooks.
 _live: "weakref.WeakSet[Parallel]" = weakref.WeakSet()
+_exit_hook_installed = False  # set, under _install_lock, by the first Parallel with workers
+_install_lock = threading.Lock()
 
 
 class Parallelizable:
@@ -55,35 +59,51 @@ class Parallelizable:
 
 
 class _Calls:
-    """What the worker tasks share with their ``Parallel``.
+    """What the worker loops share with their ``Parallel``.
 
     Holds no reference to the ``Parallel``: dropping it must let its
-    finalizer stop the executor.
+    finalizer stop the loops.
     """
 
     __slots__ = ("inputs", "done", "__weakref__")
 
     def __init__(self) -> None:
-        # (forward_backward, x) per call handed to the executor, in put() order.
-        self.inputs: Deque[Tuple[Callable[[Any], Any], Any]] = collections.deque()
+        # Calls put, in put() order, taken by whichever loop is free (as in
+        # the original's one shared queue); a None stops one loop.
+        self.inputs: "queue.SimpleQueue[Optional[_Call]]" = queue.SimpleQueue()
         # (succeeded, result or exception) per call, in completion order.
         self.done: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()
 
-    def run_next(self) -> None:
-        """A worker task: run the oldest call put, whichever worker runs this."""
+    def serve(self) -> None:
+        """A worker's one long task: run calls from ``inputs`` until a ``None``.
+
+        One task per worker for the Parallel's whole life, so a call costs a
+        queue hand-off and nothing of the executor's per-task machinery
+        (futures, routing, statistics). Waiting for a call counts as being
+        between tasks for ``os.fork()`` (``_forkguard``).
+        """
+        ident = threading.get_ident()
+        own = capture_flags()
+        pinned = mx.Context(mx.current_context())  # private: Context.__enter__ stores state on it
+        end_task(ident)
         try:
-            forward_backward, x = self.inputs.popleft()
-        except IndexError:
-            # The put() of this task raised after its submit had queued it (a
-            # KeyboardInterrupt, say) and took its input back: nothing to run.
-            return
-        self.report(forward_backward, x)
+            while True:
+                call = self.inputs.get()
+                if call is None:
+                    return
+                begin_task(ident)  # holds here while os.fork() runs
+                try:
+                    if call.claim.acquire(False):  # False: its put() failed and took it back
+                        self.done.put(_run_call(call, own, pinned))
+                finally:
+                    end_task(ident)
+                del call  # do not keep the shard alive while waiting
+        finally:
+            begin_task(ident)  # balanced by the worker, which began this task
 
     def report(self, forward_backward: Callable[[Any], Any], x: Any) -> None:
-        """Run ``forward_backward(x)`` and put its outcome on ``done``.
+        """Run ``forward_backward(x)`` inline and put its outcome on ``done``.
 
-        Reporting from inside the call (rather than from a done-callback
-        added after ``submit``) keeps ``get()`` in exact completion order.
         ``done`` is read after the call: a call that forks finds the child's.
         """
         try:
@@ -91,6 +111,42 @@ class _Calls:
         except BaseException as exc:  # kept for the matching get()
             outcome = (False, exc)
         self.done.put(outcome)
+
+    def stop(self, loops: int) -> None:
+        """Tell ``loops`` worker loops to end after the calls put before."""
+        for _ in range(loops):
+            self.inputs.put(None)
+
+
+class _Call:
+    """One call put for a worker loop, with the caller's autograd flags."""
+
+    __slots__ = ("forward_backward", "x", "flags", "claim")
+
+    def __init__(self, forward_backward: Callable[[Any], Any], x: Any, flags: TaskFlags) -> None:
+        self.forward_backward = forward_backward
+        self.x = x
+        self.flags = flags
+        # Taken once: by the loop that runs the call, or by a put() that
+        # failed after queueing it and takes it back.
+        self.claim = threading.Lock()
+
+
+def _run_call(call: _Call, own: TaskFlags, pinned: "mx.Context") -> Outcome:
+    """Run one call with its caller's flags; whatever happens is its outcome.
+
+    The worker's context is entered per call, undoing one an earlier call
+    left entered; the worker's own flags are restored after.
+    """
+    try:
+        with pinned:
+            scope = apply_flags(call.flags)
+            try:
+                return (True, call.forward_backward(call.x))
+            finally:
+                restore_flags(own, scope)
+    except BaseException as exc:  # kept for the matching get()
+        return (False, exc)
 
 
 class Parallel:
@@ -136,10 +192,9 @@ class Parallel:
         _check_parallizable(parallizable)
         self._parallizable = parallizable
         self._calls = _Calls()
-        self._run_next = self._calls.run_next  # bound once: put() submits it
-        # Guards _pending, _closed and handing a call to the executor (append
-        # + submit, so a failed submit takes back its own input). Lock order:
-        # after _serial_lock, before the executor's.
+        # Guards _pending, _closed and queueing a call (so close() cannot
+        # slip its loops' stop signals in between). Lock order: after
+        # _serial_lock.
         self._lock = threading.Lock()
         # Guards _num_serial and serialises the serial-init calls (see put).
         # Reentrant: a serial call that puts runs that call inline too, as
@@ -148,15 +203,21 @@ class Parallel:
         self._num_serial = num_workers if serial_init else 0
         self._serial_done = self._num_serial == 0  # every serial call has returned
         self._pending = 0  # put() calls whose result no get() has taken yet
-        self._closed = False
+        self._closed: Optional[str] = None  # why put() is refused: close(), or interpreter exit
         self._forked_from: Optional[int] = None  # the parent's pid, in a forked child
         self._executor: Optional[ContextExecutor] = None
+        self._stop_loops: Optional[weakref.finalize] = None
         if num_workers > 0:
             # The shim does its serial init inline, so the executor needs no gate.
             self._executor = ContextExecutor(
                 [mx.cpu(0)] * num_workers, serial_init=False, thread_name_prefix="Parallel"
             )
-            weakref.finalize(self, self._executor.shutdown, wait=False)
+            for _ in range(num_workers):
+                self._executor.submit(self._calls.serve)  # round-robin: one loop per worker
+            # Runs once: at close(), at the exit hook, or when this Parallel is collected.
+            self._stop_loops = weakref.finalize(self, _stop, self._calls, num_workers, self._executor)
+            self._stop_loops.atexit = False  # _stop_all_at_exit does it, in the right order
+            _install_exit_hook()
         _live.add(self)
 
     def put(self, x: Any) -> None:
@@ -172,30 +233,32 @@ class Parallel:
         forward_backward = self._parallizable.forward_backward
         if not self._serial_done and self._put_inline(forward_backward, x):
             return
+        call = _Call(forward_backward, x, capture_flags()) if self._executor is not None else None
         with self._lock:
-            if self._closed:
-                raise RuntimeError("cannot put() on a Parallel after close()")
-            if self._executor is None:
-                self._pending += 1
-                inline = True
-            else:
-                inline = False
-                self._calls.inputs.append((forward_backward, x))
+            self._check_open()
+            self._pending += 1
+            if call is not None:
                 try:
-                    self._executor.submit(self._run_next)
+                    self._calls.inputs.put(call)
                 except BaseException:
-                    # Take our input back: the rightmost, as the lock kept other
-                    # puts out. Gone only if submit queued the task before it
-                    # raised and a worker took the input: the call then runs,
-                    # and its outcome must still be someone's get().
-                    try:
-                        self._calls.inputs.pop()
-                    except IndexError:
-                        self._pending += 1
+                    # Interrupted (a KeyboardInterrupt, say) during or just
+                    # after queueing: take the call back unless a loop has
+                    # taken it already, in which case its outcome is coming.
+                    if call.claim.acquire(False):
+                        self._pending -= 1
                     raise
-                self._pending += 1
-        if inline:  # num_workers=0: outside the lock, a call may put() too
-            self._calls.report(forward_backward, x)
+                return
+        self._calls.report(forward_backward, x)  # num_workers=0: outside the lock, a call may put() too
+
+    def _check_open(self) -> None:
+        """Raise ``RuntimeError`` if this Parallel takes no more calls (called under ``_lock``)."""
+        if self._forked_from is not None:
+            raise RuntimeError(
+                f"this Parallel was created in process {self._forked_from} before os.fork(); its worker "
+                "threads do not exist in this child process. Create a new Parallel in the child."
+            )
+        if self._closed is not None:
+            raise RuntimeError(f"cannot put() on a Parallel after {self._closed}")
 
     def _put_inline(self, forward_backward: Callable[[Any], Any], x: Any) -> bool:
         """Run a serial-init call inline; ``False`` once there are none left.
@@ -208,8 +271,7 @@ class Parallel:
             if self._num_serial == 0:
                 return False
             with self._lock:
-                if self._closed:
-                    raise RuntimeError("cannot put() on a Parallel after close()")
+                self._check_open()
                 self._pending += 1
             self._num_serial -= 1
             try:
@@ -256,10 +318,17 @@ class Parallel:
 
     def close(self) -> None:
         """Stop the workers after the calls already put; idempotent."""
-        with self._lock:
-            self._closed = True
+        self._refuse_puts("close()")
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    def _refuse_puts(self, reason: str) -> None:
+        """Refuse further calls and tell the loops to end after the ones put."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason
+        if self._stop_loops is not None:
+            self._stop_loops()  # once only, whoever calls it
 
     def __enter__(self) -> "Parallel":
         return self
@@ -277,7 +346,7 @@ class Parallel:
         self._lock = threading.Lock()
         self._serial_lock = threading.RLock()
         self._forked_from = os.getppid()
-        self._calls.inputs.clear()  # their tasks failed with the executor's own fork error
+        self._calls.inputs = queue.SimpleQueue()  # never run here; their get() raises
         done: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()
         while True:
             try:
@@ -315,6 +384,31 @@ def _check_parallizable(parallizable: Any) -> None:
             f"{type(parallizable).__name__} does not implement forward_backward(self, x): subclass "
             "Parallelizable and define it (forward pass under autograd.record(), backward(), return the loss)"
         )
+
+
+def _stop(calls: _Calls, loops: int, executor: ContextExecutor) -> None:
+    """End a Parallel's worker loops after the calls put, without waiting."""
+    calls.stop(loops)
+    executor.shutdown(wait=False)
+
+
+def _install_exit_hook() -> None:
+    """Register ``_stop_all_at_exit``, once, after the executors' exit hook.
+
+    atexit runs hooks last-in first-out, and the executors' hook (installed
+    by the first ``ContextExecutor``, before this) waits for every worker
+    task to end: the loops must have been told to end by then.
+    """
+    global _exit_hook_installed
+    with _install_lock:
+        if not _exit_hook_installed:
+            _exit_hook_installed = True
+            atexit.register(_stop_all_at_exit)
+
+
+def _stop_all_at_exit() -> None:
+    for parallel in list(_live):
+        parallel._refuse_puts("interpreter exit began")
 
 
 def _disable_in_forked_child() -> None:

@@ -178,6 +178,47 @@ def test_module_global_executor_and_parallel_exit_0():
     assert result.stdout.splitlines() == ["2.0", "put"]
 
 
+def test_parallel_open_at_exit_runs_the_calls_put_then_refuses_puts():
+    # Its workers each run one long task serving the shared queue: the exit
+    # must tell those loops to end, after the calls put, or it would wait forever.
+    result = run_script(
+        """
+        import atexit
+        import threading
+
+        def put_at_exit():
+            try:
+                PARALLEL.put("too late")
+            except RuntimeError as exc:
+                print("refused:", exc, flush=True)
+
+        atexit.register(put_at_exit)  # before parallel_exec's hooks: runs after them
+
+        import mxnet as mx
+        import parallel_exec as pe
+
+        started, release = threading.Event(), threading.Event()
+
+        class Slow(pe.Parallelizable):
+            def forward_backward(self, x):
+                if x == 0:
+                    started.set()
+                    release.wait(30)
+                print("ran", x, flush=True)
+                return x
+
+        PARALLEL = pe.Parallel(1, Slow(), serial_init=False)
+        for x in range(3):
+            PARALLEL.put(x)
+        started.wait(30)
+        atexit.register(release.set)  # after parallel_exec's hooks: runs first
+        """
+    )
+    assert result.stdout.splitlines() == [
+        "ran 0", "ran 1", "ran 2", "refused: cannot put() on a Parallel after interpreter exit began"
+    ]
+
+
 def test_submit_during_interpreter_exit_raises():
     result = run_script(
         """

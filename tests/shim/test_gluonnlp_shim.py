@@ -7,7 +7,6 @@ not hang, ``get()`` with nothing pending, ``close()``) and its checks.
 
 import gc
 import threading
-from concurrent.futures import Future
 
 import mxnet as mx
 import numpy as np
@@ -203,47 +202,6 @@ def test_results_come_in_completion_order():
         assert parallel.get() == "second put"  # the first call cannot finish yet
         release_first.set()
         assert parallel.get() == "first put"
-
-
-def test_completion_order_holds_when_a_call_finishes_inside_put(monkeypatch):
-    # Forces the window between submit() returning and put() returning: there
-    # the second call finishes, then the first. A shim that learns of results
-    # through a done-callback added after submit() would hear of the second
-    # only when adding it, after the first, and get() would return them in
-    # the wrong order.
-    release_first = threading.Event()
-    first_heard = threading.Event()
-    futures = []
-    registered = []
-    real_submit = pe.ContextExecutor.submit
-
-    def submit(self, fn, /, *args, **kwargs):
-        future = real_submit(self, fn, *args, **kwargs)
-        futures.append(future)
-        if len(futures) == 1:
-            # Callbacks run in the order added: ours says put()'s has run.
-            def add_done_callback(callback):
-                registered.append(callback)
-                Future.add_done_callback(future, callback)
-                Future.add_done_callback(future, lambda _: first_heard.set())
-
-            future.add_done_callback = add_done_callback
-        else:
-            future.result(TIMEOUT)  # the second call is done...
-            release_first.set()
-            futures[0].result(TIMEOUT)  # ...then the first one,
-            if registered:  # put() listens with a callback:
-                assert first_heard.wait(TIMEOUT)  # wait until it has heard
-        return future
-
-    monkeypatch.setattr(pe.ContextExecutor, "submit", submit)
-
-    probe = FirstPutWaits(release_first)
-    with pe.Parallel(2, probe, serial_init=False) as parallel:
-        parallel.put("first put")
-        assert probe.started.wait(TIMEOUT)  # taken by a worker: the second call has the other
-        parallel.put("second put")
-        assert [parallel.get(), parallel.get()] == ["second put", "first put"]
 
 
 # --- serial init --------------------------------------------------------------
@@ -611,13 +569,13 @@ def test_get_all_keeps_batches_in_step_after_an_error():
             parallel.get()
 
 
-# --- which worker runs a call: dealt in turn, not taken by a free worker -------------
+# --- which worker runs a call: a free one, from one shared queue ----------------------
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_a_call_dealt_to_a_busy_worker_waits_while_gluonnlp_takes_a_free_one(implementation):
-    # The documented difference (docs/migrating.md): A holds worker 0, B ran on
-    # worker 1; C's turn is worker 0 here, while gluonnlp's free worker 1 takes it.
+def test_a_free_worker_takes_a_call_while_another_is_busy(implementation):
+    # A holds one worker, B ran on the other; C is taken by the free worker at
+    # once, as in gluonnlp (docs/migrating.md), instead of waiting behind A.
     a_started, release_a, c_started = threading.Event(), threading.Event(), threading.Event()
 
     class Probe(pe.Parallelizable):
@@ -636,15 +594,10 @@ def test_a_call_dealt_to_a_busy_worker_waits_while_gluonnlp_takes_a_free_one(imp
         parallel.put("B")
         assert parallel.get() == "B"
         parallel.put("C")
-        if implementation is ours:
-            assert not c_started.wait(SHORT)  # waits behind A
-            release_a.set()
-            assert [parallel.get(), parallel.get()] == ["A", "C"]
-        else:
-            assert c_started.wait(TIMEOUT)
-            assert parallel.get() == "C"
-            release_a.set()
-            assert parallel.get() == "A"
+        assert c_started.wait(TIMEOUT)
+        assert parallel.get() == "C"
+        release_a.set()
+        assert parallel.get() == "A"
     finally:
         release_a.set()
         close(parallel)

@@ -271,15 +271,31 @@ def test_forked_child_get_raises_at_once_for_calls_pending_at_the_fork(num_worke
         parallel.close()
 
 
-# --- a put() interrupted after its submit queued the call -------------------------
+# --- a put() interrupted after it queued the call ------------------------------------
 
 
 class Interrupted(Exception):
-    """Stands for a KeyboardInterrupt arriving inside submit(), after it queued the task."""
+    """Stands for a KeyboardInterrupt arriving in put(), just after it queued the call."""
+
+
+class QueueThenRaise:
+    """Wraps the shared queue of calls: put() queues, then raises ``Interrupted``."""
+
+    def __init__(self, inputs, before_raising):
+        self._inputs = inputs
+        self._before_raising = before_raising
+
+    def put(self, call):
+        self._inputs.put(call)
+        self._before_raising()
+        raise Interrupted
+
+    def get(self):
+        return self._inputs.get()
 
 
 @pytest.mark.parametrize("taken_first", [False, True])
-def test_put_interrupted_after_submit_leaves_one_outcome_per_successful_put(taken_first, monkeypatch):
+def test_put_interrupted_after_queueing_leaves_one_outcome_per_successful_put(taken_first):
     started = {x: threading.Event() for x in ("busy", "late", "after")}
     release_busy = threading.Event()
 
@@ -291,26 +307,25 @@ def test_put_interrupted_after_submit_leaves_one_outcome_per_successful_put(take
             return x
 
     parallel = pe.Parallel(1, Echo(), serial_init=False)
-    real_submit = pe.ContextExecutor.submit
+    calls = parallel._calls
+    real_inputs = calls.inputs
 
-    def submit_then_raise(self, fn, /, *args, **kwargs):
-        real_submit(self, fn, *args, **kwargs)
+    def before_raising():
         if taken_first:
-            assert started["late"].wait(TIMEOUT)  # a worker has taken the input
-        raise Interrupted
+            assert started["late"].wait(TIMEOUT)  # the loop has taken the call
 
     try:
         if not taken_first:
             parallel.put("busy")  # holds the one worker: the late call waits in the queue
             assert started["busy"].wait(TIMEOUT)
-        monkeypatch.setattr(pe.ContextExecutor, "submit", submit_then_raise)
+        calls.inputs = QueueThenRaise(real_inputs, before_raising)
         with pytest.raises(Interrupted):
             parallel.put("late")
-        monkeypatch.undo()
+        calls.inputs = real_inputs
         release_busy.set()
         if taken_first:  # the call ran: its outcome is the next get()'s
             assert parallel.get() == "late"
-        else:  # taken back: it never runs, and its task finds nothing to do
+        else:  # taken back: the loop skips it
             assert parallel.get() == "busy"
         parallel.put("after")
         assert parallel.get() == "after"
@@ -318,5 +333,6 @@ def test_put_interrupted_after_submit_leaves_one_outcome_per_successful_put(take
             parallel.get()
         assert started["late"].is_set() == taken_first
     finally:
+        calls.inputs = real_inputs
         release_busy.set()
         parallel.close()
