@@ -175,15 +175,7 @@ class ContextExecutor(Executor):
     ) -> WorkItem:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        timeline = self._crew.timeline
-        future: "TaskFuture | MapFuture"
-        if timeline is not None:
-            future = TracedFuture(timeline, task_name(fn))  # records the caller's waits too
-        elif for_map:
-            future = MapFuture()  # nobody but map's iterator sees it: a cheaper kind
-        else:
-            future = TaskFuture()
-        return WorkItem(future, fn, args, kwargs, flags)
+        return WorkItem(_new_future(self._crew.timeline, fn, for_map), fn, args, kwargs, flags)
 
     def stats(self) -> ExecutorStats:
         """Return a snapshot of every worker's statistics.
@@ -246,6 +238,14 @@ class ContextExecutor(Executor):
                 held at the serial-init gate included.
         """
         self._crew.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def _new_future(timeline: Optional[Timeline], fn: Callable[..., Any], for_map: bool) -> "TaskFuture | MapFuture":
+    if timeline is not None:
+        return TracedFuture(timeline, task_name(fn))  # records the caller's waits too
+    if for_map:
+        return MapFuture()  # nobody but map's iterator sees it: a cheaper kind
+    return TaskFuture()
 
 
 def _results_in_order(futures: List["TaskFuture | MapFuture"], end_time: Optional[float]) -> Iterator[Any]:

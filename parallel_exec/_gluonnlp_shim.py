@@ -5,7 +5,7 @@ calls from one shared queue and put outcomes on another. It loses a worker
 when ``forward_backward`` raises, so ``get()`` hangs forever; here the
 exception travels to the matching ``get()``, which re-raises it. The threads
 are a ``ContextExecutor``'s, each running one long task, a loop over the
-shared queue (``_Calls.serve``), so a call costs a queue hand-off each way,
+shared queue (``_shim_worker``), so a call costs a queue hand-off each way,
 as in the original, and the executor still owns the threads' life: reuse,
 exit, fork.
 
@@ -28,14 +28,12 @@ import os
 import queue
 import threading
 import weakref
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 from ._executor import ContextExecutor
-from ._forkguard import begin_task, end_task
 from ._mxnet import mx
-from ._state import TaskFlags, apply_flags, capture_flags, restore_flags
-
-Outcome = Tuple[bool, Any]  # (True, result) or (False, the exception raised)
+from ._shim_worker import Call, Outcome, SharedCalls
+from ._state import capture_flags
 
 # Every Parallel not yet collected, for the fork and exit hooks.
 _live: "weakref.WeakSet[Parallel]" = weakref.WeakSet()
@@ -58,97 +56,6 @@ class Parallelizable:
         )
 
 
-class _Calls:
-    """What the worker loops share with their ``Parallel``.
-
-    Holds no reference to the ``Parallel``: dropping it must let its
-    finalizer stop the loops.
-    """
-
-    __slots__ = ("inputs", "done", "__weakref__")
-
-    def __init__(self) -> None:
-        # Calls put, in put() order, taken by whichever loop is free (as in
-        # the original's one shared queue); a None stops one loop.
-        self.inputs: "queue.SimpleQueue[Optional[_Call]]" = queue.SimpleQueue()
-        # (succeeded, result or exception) per call, in completion order.
-        self.done: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()
-
-    def serve(self) -> None:
-        """A worker's one long task: run calls from ``inputs`` until a ``None``.
-
-        One task per worker for the Parallel's whole life, so a call costs a
-        queue hand-off and nothing of the executor's per-task machinery
-        (futures, routing, statistics). Waiting for a call counts as being
-        between tasks for ``os.fork()`` (``_forkguard``).
-        """
-        ident = threading.get_ident()
-        own = capture_flags()
-        pinned = mx.Context(mx.current_context())  # private: Context.__enter__ stores state on it
-        end_task(ident)
-        try:
-            while True:
-                call = self.inputs.get()
-                if call is None:
-                    return
-                begin_task(ident)  # holds here while os.fork() runs
-                try:
-                    if call.claim.acquire(False):  # False: its put() failed and took it back
-                        self.done.put(_run_call(call, own, pinned))
-                finally:
-                    end_task(ident)
-                del call  # do not keep the shard alive while waiting
-        finally:
-            begin_task(ident)  # balanced by the worker, which began this task
-
-    def report(self, forward_backward: Callable[[Any], Any], x: Any) -> None:
-        """Run ``forward_backward(x)`` inline and put its outcome on ``done``.
-
-        ``done`` is read after the call: a call that forks finds the child's.
-        """
-        try:
-            outcome: Outcome = (True, forward_backward(x))
-        except BaseException as exc:  # kept for the matching get()
-            outcome = (False, exc)
-        self.done.put(outcome)
-
-    def stop(self, loops: int) -> None:
-        """Tell ``loops`` worker loops to end after the calls put before."""
-        for _ in range(loops):
-            self.inputs.put(None)
-
-
-class _Call:
-    """One call put for a worker loop, with the caller's autograd flags."""
-
-    __slots__ = ("forward_backward", "x", "flags", "claim")
-
-    def __init__(self, forward_backward: Callable[[Any], Any], x: Any, flags: TaskFlags) -> None:
-        self.forward_backward = forward_backward
-        self.x = x
-        self.flags = flags
-        # Taken once: by the loop that runs the call, or by a put() that
-        # failed after queueing it and takes it back.
-        self.claim = threading.Lock()
-
-
-def _run_call(call: _Call, own: TaskFlags, pinned: "mx.Context") -> Outcome:
-    """Run one call with its caller's flags; whatever happens is its outcome.
-
-    The worker's context is entered per call, undoing one an earlier call
-    left entered; the worker's own flags are restored after.
-    """
-    try:
-        with pinned:
-            scope = apply_flags(call.flags)
-            try:
-                return (True, call.forward_backward(call.x))
-            finally:
-                restore_flags(own, scope)
-    except BaseException as exc:  # kept for the matching get()
-        return (False, exc)
-
-
 class Parallel:
     """Runs ``parallizable.forward_backward`` on worker threads, put/get style.
 
@@ -159,12 +66,11 @@ class Parallel:
     does, so Gluon's deferred initialisation never runs on two threads at
     once. ``num_workers=0`` runs every call inline.
 
-    The workers are not pinned to the data's devices (the original's were
-    not either): each is a ``ContextExecutor`` worker on ``mx.cpu(0)``, the
-    default context of a fresh thread, and the data's own context decides
-    where the computation runs. Worker calls run with the autograd flags
-    (recording, training) the caller had at ``put()``, as inline calls do;
-    the original's worker threads always run with both off.
+    As in the original, free workers take calls from one shared queue and
+    are not pinned to the data's devices: each is a ``ContextExecutor``
+    worker on ``mx.cpu(0)``, and the data's context decides where the
+    computation runs. Worker calls run with the autograd flags the caller
+    had at ``put()``; the original's always run with both off.
 
     Thread-safety:
         ``put``, ``get`` and ``close`` may be called from any thread.
@@ -191,10 +97,9 @@ class Parallel:
         num_workers = _check_num_workers(num_workers)
         _check_parallizable(parallizable)
         self._parallizable = parallizable
-        self._calls = _Calls()
-        # Guards _pending, _closed and queueing a call (so close() cannot
-        # slip its loops' stop signals in between). Lock order: after
-        # _serial_lock.
+        self._calls = SharedCalls()
+        # Guards _pending, _closed and queueing a call (no call lands behind
+        # the loops' stop signals). Lock order: after _serial_lock.
         self._lock = threading.Lock()
         # Guards _num_serial and serialises the serial-init calls (see put).
         # Reentrant: a serial call that puts runs that call inline too, as
@@ -233,7 +138,7 @@ class Parallel:
         forward_backward = self._parallizable.forward_backward
         if not self._serial_done and self._put_inline(forward_backward, x):
             return
-        call = _Call(forward_backward, x, capture_flags()) if self._executor is not None else None
+        call = Call(forward_backward, x, capture_flags()) if self._executor is not None else None
         with self._lock:
             self._check_open()
             self._pending += 1
@@ -253,10 +158,7 @@ class Parallel:
     def _check_open(self) -> None:
         """Raise ``RuntimeError`` if this Parallel takes no more calls (called under ``_lock``)."""
         if self._forked_from is not None:
-            raise RuntimeError(
-                f"this Parallel was created in process {self._forked_from} before os.fork(); its worker "
-                "threads do not exist in this child process. Create a new Parallel in the child."
-            )
+            raise RuntimeError(_FORKED.format(pid=self._forked_from))
         if self._closed is not None:
             raise RuntimeError(f"cannot put() on a Parallel after {self._closed}")
 
@@ -386,7 +288,13 @@ def _check_parallizable(parallizable: Any) -> None:
         )
 
 
-def _stop(calls: _Calls, loops: int, executor: ContextExecutor) -> None:
+_FORKED = (
+    "this Parallel was created in process {pid} before os.fork(); its worker threads do not exist in this "
+    "child process. Create a new Parallel in the child."
+)
+
+
+def _stop(calls: SharedCalls, loops: int, executor: ContextExecutor) -> None:
     """End a Parallel's worker loops after the calls put, without waiting."""
     calls.stop(loops)
     executor.shutdown(wait=False)
