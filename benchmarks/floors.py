@@ -6,10 +6,11 @@ cost of *a thread per context* is told apart from the cost of what
 statistics, cancellation):
 
 - ``ThreadPerContext``: one thread and one ``SimpleQueue`` per context, a
-  ``Future`` per task and nothing else: the floor of this package's design.
+  plain lock per task to wait on and nothing else: the floor of
+  ``ContextExecutor.map``'s design.
 - ``SharedQueue``: threads sharing one input queue and one output queue, no
   futures: the floor of gluonnlp's ``Parallel`` design, which cannot pin a
-  shard to its device.
+  shard to its device, and of ``pe.Parallel``, which uses it too.
 
 ``task_pieces`` times, in one thread, each piece of work a ``ContextExecutor``
 task does besides the hand-off. It uses the package's private modules on
@@ -21,17 +22,22 @@ from __future__ import annotations
 import queue
 import threading
 import timeit
-from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Sequence
 
 import mxnet as mx
 
 import parallel_exec as pe
 from parallel_exec import _held, _routing, _state
+from parallel_exec._future import MapFuture, TaskFuture
 
 
 class ThreadPerContext:
-    """One thread and queue per shard position; a Future per task."""
+    """One thread and queue per shard position; a plain lock per task says it is done.
+
+    The lock stands for what ``ContextExecutor.map`` gives each call (a
+    ``MapFuture``, whose waiting is one lock); ``submit`` hands out a
+    ``Future``, as ``ThreadPoolExecutor`` does.
+    """
 
     def __init__(self, n: int) -> None:
         self._queues: List[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n)]
@@ -45,17 +51,23 @@ class ThreadPerContext:
             item = work.get()
             if item is None:
                 return
-            future, fn, arg = item
-            if future.set_running_or_notify_cancel():
-                future.set_result(fn(arg))
+            done, box, fn, arg = item
+            box.append(fn(arg))
+            done.release()
 
     def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
-        futures = []
+        pending = []
         for work, shard in zip(self._queues, shards):
-            future: Future = Future()
-            work.put((future, fn, shard))
-            futures.append(future)
-        return [future.result() for future in futures]
+            done = threading.Lock()
+            done.acquire()
+            box: List[Any] = []
+            work.put((done, box, fn, shard))
+            pending.append((done, box))
+        results = []
+        for done, box in pending:
+            done.acquire()
+            results.append(box[0])
+        return results
 
     def close(self) -> None:
         for work in self._queues:
@@ -106,8 +118,7 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
     own = _state.capture_flags()
     pinned = mx.Context(mx.cpu(1))
 
-    def future_life() -> None:
-        future: Future = Future()
+    def future_life(future: Any) -> None:
         future.set_running_or_notify_cancel()
         future.set_result(None)
         future.result()
@@ -140,7 +151,8 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
         "route: find the first NDArray and look up its device (1 GIL-keeping C call)": lambda: by_device.get(
             _held.device_of(_routing.find_first_ndarray((shard,), {}))
         ),
-        "a Future's life: create, run, set, read, cancel": future_life,
+        "submit: a Future's life (create, run, set, read, cancel)": lambda: future_life(TaskFuture()),
+        "map: a MapFuture's life (create, run, set, read, cancel)": lambda: future_life(MapFuture()),
         "pin: enter and leave the worker's Context": pin,
         "apply and restore the flags in the worker (6 GIL-keeping C calls)": lambda: _state.restore_flags(
             own, _state.apply_flags(own)
