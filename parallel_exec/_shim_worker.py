@@ -53,13 +53,15 @@ class SharedCalls:
                 call = self.inputs.get()
                 if call is None:
                     return
+                outcome = None
                 begin_task(ident)  # holds here while os.fork() runs
                 try:
                     if call.claim.acquire(False):  # False: its put() failed and took it back
-                        self.done.put(run_call(call, own, pinned))
+                        outcome = run_call(call, own, pinned)
+                        self.done.put(outcome)  # read after the call: a call that forks finds the child's
                 finally:
                     end_task(ident)
-                del call  # do not keep the shard alive while waiting
+                del call, outcome  # do not keep the shard or its result alive while waiting
         finally:
             begin_task(ident)  # balanced by the worker, which began this task
 

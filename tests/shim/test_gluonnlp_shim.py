@@ -7,6 +7,8 @@ not hang, ``get()`` with nothing pending, ``close()``) and its checks.
 
 import gc
 import threading
+import time
+import weakref
 
 import mxnet as mx
 import numpy as np
@@ -327,6 +329,25 @@ def test_with_closes_and_stops_the_workers():
     assert left_their_executor(workers)
     with pytest.raises(RuntimeError):
         parallel.put(1)
+
+
+class Payload:
+    """A result that can be watched through a weak reference."""
+
+
+class MakesPayloads(pe.Parallelizable):
+    def forward_backward(self, x):
+        return Payload()
+
+
+def test_an_idle_worker_keeps_no_call_or_result_alive():
+    with pe.Parallel(1, MakesPayloads(), serial_init=False) as parallel:
+        parallel.put("x")
+        watched = weakref.ref(parallel.get())  # dropped by the caller at once
+        deadline = time.monotonic() + TIMEOUT
+        while watched() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker drops its references just after reporting
+        assert watched() is None
 
 
 def test_dropping_the_last_reference_stops_the_workers():
