@@ -92,12 +92,18 @@ def _set_c_flags(flags: TaskFlags) -> None:
         _held.raise_last_error()
 
 
-def apply_flags(flags: TaskFlags) -> Any:
+def apply_flags(flags: TaskFlags, current: Optional[TaskFlags] = None) -> Any:
     """Put the submitter's ``flags`` in force in this worker thread.
+
+    Args:
+        flags: the submitter's flags.
+        current: the C flags this thread is known to have now, if it is
+            known; MXNet is not called when they are ``flags`` already.
 
     Returns what ``restore_flags`` needs: the thread's NumPy-array scope.
     """
-    _set_c_flags(flags)
+    if flags != current:
+        _set_c_flags(flags)
     scope = _np_array_scope()
     if flags.np_array != (scope is not None and scope._is_np_array):
         _np_array_local.value = _NumpyArrayScope(flags.np_array)

@@ -16,6 +16,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+from parallel_exec import _shim_worker
 
 from helpers import CPU2, TIMEOUT, left_their_executor, wait_until_workers_end
 
@@ -497,6 +498,43 @@ def test_every_call_runs_with_the_callers_autograd_flags_at_put(scope):
         for x in range(4):  # outside the scope: off everywhere, workers included
             parallel.put(x)
         assert [parallel.get() for _ in range(4)] == [(False, False)] * 4
+
+
+class LeavesRecordingOn(pe.Parallelizable):
+    def forward_backward(self, x):
+        if x == "leave it on":
+            autograd.set_recording(True)  # and never set it back
+        return autograd.is_recording()
+
+
+def test_a_call_that_leaves_recording_on_does_not_reach_the_next():
+    # The next call's caller is not recording either: the loop sets no flag
+    # before it (they are known to be the worker's own), so this holds only
+    # because every call's flags are put back after it.
+    with pe.Parallel(1, LeavesRecordingOn(), serial_init=False) as parallel:
+        parallel.put("leave it on")
+        assert parallel.get() is True
+        parallel.put("next")
+        assert parallel.get() is False
+
+
+def test_after_putting_the_flags_back_failed_the_next_call_gets_its_flags_set(monkeypatch):
+    real_restore = _shim_worker.restore_flags
+    failures = []
+
+    def restore_fails_once(own, scope):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("MXNet refused a flag")  # recording stays on
+        real_restore(own, scope)
+
+    monkeypatch.setattr(_shim_worker, "restore_flags", restore_fails_once)
+    with pe.Parallel(1, LeavesRecordingOn(), serial_init=False) as parallel:
+        parallel.put("leave it on")
+        with pytest.raises(RuntimeError, match="refused a flag"):
+            parallel.get()
+        parallel.put("next")
+        assert parallel.get() is False  # the flags were unknown, so they were set
 
 
 @pytest.mark.parametrize("scope", FLAG_SCOPES)
