@@ -73,11 +73,15 @@ class WorkItem:
             # on the object itself, so a shared one would break across threads.
             # Entering it per task also undoes a context an earlier task left.
             with slot.pinned_context:
-                scope = apply_flags(self.flags)
+                scope = apply_flags(self.flags, slot.known_flags)
+                slot.known_flags = None
                 try:
                     result = self.fn(*self.args, **self.kwargs)
                 finally:
                     restore_flags(slot.own_flags, scope)
+                    # Still so at the next task, unless done-callbacks run here in between
+                    # (a MapFuture has none): then it sets only flags that differ.
+                    slot.known_flags = slot.own_flags if future.__class__ is MapFuture else None
         except BaseException as exc:  # any exception belongs to the future
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             future.set_exception(exc)
@@ -138,7 +142,7 @@ class WorkerSlot:
     """
 
     __slots__ = (
-        "index", "context", "pinned_context", "queue", "thread", "initialized", "running", "own_flags",
+        "index", "context", "pinned_context", "queue", "thread", "initialized", "running", "own_flags", "known_flags",
         "counters", "timeline", "changed", "exited", "stopping", "gated", "in_gate",
     )
 
@@ -151,6 +155,7 @@ class WorkerSlot:
         self.initialized = False  # its first task has finished without raising
         self.running: Optional[WorkItem] = None  # the item taken off the queue, until it is done
         self.own_flags = TaskFlags(False, False, False, False)  # the worker's flags between tasks
+        self.known_flags: Optional[TaskFlags] = None  # the thread's C flags now, when nothing else can have set them
         self.counters = WorkerCounters()
         self.timeline: Optional[Timeline] = None  # set while a recording is active
         self.changed = changed  # notified whenever one of the three below changes
@@ -211,7 +216,7 @@ class WorkerJob:
                 LOGGER.critical("Exception in initializer of %s", threading.current_thread().name, exc_info=True)
                 self.on_initializer_failure()
                 return
-        slot.own_flags = capture_flags()  # as the initializer left them
+        slot.own_flags = slot.known_flags = capture_flags()  # as the initializer left them
         try:
             _serve_queue(slot, self.gate)
         except BaseException:  # only a bug in this module can get here

@@ -124,6 +124,35 @@ def test_worker_flags_are_restored_to_its_own_not_to_defaults():
         assert flags_seen_by_done_callback(ex, flags, MODES[(False, False)]) == (True, True)
 
 
+# --- after a map call the worker knows its flags and sets only those that differ ------
+
+
+def leave_recording_on(_):
+    autograd.set_recording(True)  # and never set it back
+    return flags()
+
+
+def test_a_map_call_that_leaves_recording_on_does_not_reach_the_next_one():
+    # The next call's caller is not recording either, so nothing is set before
+    # it: this holds only because the flags are put back after every call.
+    with pe.ContextExecutor([mx.cpu(1)]) as ex:
+        assert list(ex.map(leave_recording_on, [0])) == [(True, False)]
+        assert list(ex.map(lambda _: flags(), [0])) == [(False, False)]
+
+
+def test_a_done_callback_that_sets_recording_does_not_reach_the_next_map_call():
+    # A submit's done-callback runs on the worker after the flags were put
+    # back: the worker cannot know its flags then, and sets them all.
+    go = threading.Event()
+    with pe.ContextExecutor([mx.cpu(1)]) as ex:
+        list(ex.map(lambda _: None, [0]))  # the worker knows its flags now
+        future = ex.submit(go.wait, TIMEOUT)
+        future.add_done_callback(lambda _: autograd.set_recording(True))  # not done: runs on the worker
+        go.set()
+        future.result(TIMEOUT)
+        assert list(ex.map(lambda _: flags(), [0])) == [(False, False)]
+
+
 # --- both styles of training ------------------------------------------------------
 
 
