@@ -41,7 +41,7 @@ def _released_capture() -> _state.TaskFlags:
     return _state.TaskFlags(autograd.is_recording(), autograd.is_training(), util.is_np_shape(), util.is_np_array())
 
 
-def _released_apply(flags: _state.TaskFlags) -> Any:
+def _released_apply(flags: _state.TaskFlags, current: Any = None) -> Any:
     autograd.set_recording(flags.recording)
     autograd.set_training(flags.training)
     util.set_np_shape(flags.np_shape)
@@ -56,7 +56,7 @@ _OFF = _state.TaskFlags(False, False, False, False)
 IMPLEMENTATIONS = {
     "held": (_state.capture_flags, _state.apply_flags, _state.restore_flags),
     "released": (_released_capture, _released_apply, _released_restore),
-    "none": (lambda: _OFF, lambda flags: None, lambda own, scope: None),
+    "none": (lambda: _OFF, lambda flags, current=None: None, lambda own, scope: None),
 }
 
 
