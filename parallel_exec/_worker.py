@@ -68,6 +68,7 @@ class WorkItem:
             slot.in_gate = False
             return
         run_ns = time.perf_counter_ns() if counted else start_ns
+        restored = False
         try:
             # A private Context copy: ``Context.__enter__`` stores ``_old_ctx``
             # on the object itself, so a shared one would break across threads.
@@ -79,18 +80,18 @@ class WorkItem:
                     result = self.fn(*self.args, **self.kwargs)
                 finally:
                     restore_flags(slot.own_flags, scope)
-                    # Still so at the next task, unless done-callbacks run here in between
-                    # (a MapFuture has none): then it sets only flags that differ.
-                    slot.known_flags = slot.own_flags if future.__class__ is MapFuture else None
+                    restored = True
         except BaseException as exc:  # any exception belongs to the future
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             future.set_exception(exc)
+            slot.known_flags = _flags_after(slot, future, restored)
             # Break the cycle exception -> traceback -> this frame -> future.
             del self, future
         else:
             slot.initialized = True
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=True)
             future.set_result(result)
+            slot.known_flags = _flags_after(slot, future, restored)
 
     def _finish(
         self,
@@ -130,6 +131,18 @@ class WorkItem:
         if self.future.set_running_or_notify_cancel():  # False: cancelled, counted already
             counters.count_failed_unrun()
             self.future.set_exception(exc)
+
+
+def _flags_after(slot: "WorkerSlot", future: "TaskFuture | MapFuture", restored: bool) -> Optional[TaskFlags]:
+    """The worker's flags once ``future`` is complete, if known: its own.
+
+    Unknown if putting them back failed, or if done-callbacks ran on this
+    thread (``_done_callbacks`` lists exactly those once the future is
+    complete: one added later runs in the thread adding it). The next task
+    then sets every flag; otherwise only those that differ.
+    """
+    ran_callbacks = future._done_callbacks  # type: ignore[union-attr]  # Future's private list (_future)
+    return slot.own_flags if restored and not ran_callbacks else None
 
 
 class WorkerSlot:

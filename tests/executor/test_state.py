@@ -14,6 +14,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import parallel_exec as pe
+from parallel_exec import _worker
 
 from helpers import CPU2, TIMEOUT
 
@@ -124,7 +125,7 @@ def test_worker_flags_are_restored_to_its_own_not_to_defaults():
         assert flags_seen_by_done_callback(ex, flags, MODES[(False, False)]) == (True, True)
 
 
-# --- after a map call the worker knows its flags and sets only those that differ ------
+# --- a worker that knows its flags sets only those that differ ------------------------
 
 
 def leave_recording_on(_):
@@ -151,6 +152,23 @@ def test_a_done_callback_that_sets_recording_does_not_reach_the_next_map_call():
         go.set()
         future.result(TIMEOUT)
         assert list(ex.map(lambda _: flags(), [0])) == [(False, False)]
+
+
+def test_after_putting_the_flags_back_failed_the_next_task_gets_its_flags_set(monkeypatch):
+    real_restore = _worker.restore_flags
+    failures = []
+
+    def restore_fails_once(own, scope):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("MXNet refused a flag")  # recording stays on
+        real_restore(own, scope)
+
+    monkeypatch.setattr(_worker, "restore_flags", restore_fails_once)
+    with pe.ContextExecutor([mx.cpu(1)]) as ex:
+        with pytest.raises(RuntimeError, match="refused a flag"):
+            ex.submit(leave_recording_on, 0).result(TIMEOUT)
+        assert ex.submit(flags).result(TIMEOUT) == (False, False)  # unknown, so all were set
 
 
 # --- both styles of training ------------------------------------------------------
