@@ -16,7 +16,7 @@ from mxnet import autograd, gluon
 import parallel_exec as pe
 from parallel_exec import _worker
 
-from helpers import CPU2, TIMEOUT
+from helpers import CPU2, TIMEOUT, make_restore_fail_once
 
 # (is_recording, is_training) -> a context manager putting the caller in it.
 MODES = {
@@ -155,16 +155,7 @@ def test_a_done_callback_that_sets_recording_does_not_reach_the_next_map_call():
 
 
 def test_after_putting_the_flags_back_failed_the_next_task_gets_its_flags_set(monkeypatch):
-    real_restore = _worker.restore_flags
-    failures = []
-
-    def restore_fails_once(own, scope):
-        if not failures:
-            failures.append(1)
-            raise RuntimeError("MXNet refused a flag")  # recording stays on
-        real_restore(own, scope)
-
-    monkeypatch.setattr(_worker, "restore_flags", restore_fails_once)
+    make_restore_fail_once(_worker, monkeypatch)  # the first call leaves recording on
     with pe.ContextExecutor([mx.cpu(1)]) as ex:
         with pytest.raises(RuntimeError, match="refused a flag"):
             ex.submit(leave_recording_on, 0).result(TIMEOUT)

@@ -53,3 +53,17 @@ def wait_until_workers_end(slots):
     """Wait until the workers of ``slots`` (an executor's ``_slots``) have ended; False on TIMEOUT."""
     with slots[0].changed:
         return slots[0].changed.wait_for(lambda: all(slot.exited for slot in slots), TIMEOUT)
+
+
+def make_restore_fail_once(module, monkeypatch):
+    """Make ``module.restore_flags`` raise once, leaving the flags as the task left them, then work."""
+    real_restore = module.restore_flags
+    failures = []
+
+    def restore_fails_once(own, scope):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("MXNet refused a flag")
+        real_restore(own, scope)
+
+    monkeypatch.setattr(module, "restore_flags", restore_fails_once)

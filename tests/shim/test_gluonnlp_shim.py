@@ -18,7 +18,7 @@ from mxnet import autograd, gluon
 import parallel_exec as pe
 from parallel_exec import _shim_worker
 
-from helpers import CPU2, TIMEOUT, left_their_executor, wait_until_workers_end
+from helpers import CPU2, TIMEOUT, left_their_executor, make_restore_fail_once, wait_until_workers_end
 
 # Bounded wait for a call that must NOT start (it would overlap a first
 # call); only spent in full when the shim works.
@@ -519,16 +519,7 @@ def test_a_call_that_leaves_recording_on_does_not_reach_the_next():
 
 
 def test_after_putting_the_flags_back_failed_the_next_call_gets_its_flags_set(monkeypatch):
-    real_restore = _shim_worker.restore_flags
-    failures = []
-
-    def restore_fails_once(own, scope):
-        if not failures:
-            failures.append(1)
-            raise RuntimeError("MXNet refused a flag")  # recording stays on
-        real_restore(own, scope)
-
-    monkeypatch.setattr(_shim_worker, "restore_flags", restore_fails_once)
+    make_restore_fail_once(_shim_worker, monkeypatch)  # the first call leaves recording on
     with pe.Parallel(1, LeavesRecordingOn(), serial_init=False) as parallel:
         parallel.put("leave it on")
         with pytest.raises(RuntimeError, match="refused a flag"):
