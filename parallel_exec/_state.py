@@ -73,7 +73,9 @@ _new_tuple = tuple.__new__
 
 
 def _np_array_scope() -> Any:
-    return getattr(_np_array_local, "value", None)
+    # Not getattr(local, "value", None): a missing attribute (the usual case)
+    # raises and catches AttributeError inside, ~1 us; the dict lookup, 0.07.
+    return _np_array_local.__dict__.get("value")
 
 
 def capture_flags() -> TaskFlags:
@@ -81,7 +83,7 @@ def capture_flags() -> TaskFlags:
     b = _held.buffers
     if _held.is_recording(b.recording_ref) | _held.is_training(b.training_ref) | _held.is_np_shape(b.np_shape_ref):
         _held.raise_last_error()
-    scope = getattr(_np_array_local, "value", None)
+    scope = _np_array_scope()
     # tuple.__new__ instead of TaskFlags(...): a NamedTuple's __new__ costs 0.3 us.
     return _new_tuple(TaskFlags, (b.recording.value, b.training.value, b.np_shape.value != 0,
                                   scope is not None and scope._is_np_array))

@@ -137,6 +137,27 @@ def test_pinning_survives_a_task_that_leaves_a_context_entered():
         ex.shutdown(wait=True)
 
 
+def test_a_done_callback_after_a_task_that_left_a_context_entered_sees_the_worker_context():
+    ex = pe.ContextExecutor([mx.cpu(1)])
+    release = threading.Event()
+    seen = []
+
+    def enter_and_never_leave():
+        release.wait(TIMEOUT)  # so the callback is added before the task ends and runs in the worker
+        mx.cpu(3).__enter__()
+
+    try:
+        future = ex.submit(enter_and_never_leave)
+        future.add_done_callback(lambda f: seen.append((threading.current_thread() is not threading.main_thread(),
+                                                        mx.current_context())))
+        release.set()
+        future.result(TIMEOUT)
+        ex.shutdown(wait=True)  # the callback ran before the worker ended
+        assert seen == [(True, mx.cpu(1))]
+    finally:
+        ex.shutdown(wait=True)
+
+
 def test_current_context_is_none_outside_workers(executor):
     assert executor.submit_to(mx.cpu(1), where).result(TIMEOUT)[0] == mx.cpu(1)
     assert pe.current_context() is None  # main thread, while workers exist
