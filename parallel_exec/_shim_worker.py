@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 
 from ._forkguard import begin_task, end_task
 from ._mxnet import mx
-from ._state import TaskFlags, apply_flags, capture_flags, restore_flags
+from ._state import TaskFlags, apply_flags, capture_flags, keep_default_context, restore_flags
 
 Outcome = Tuple[bool, Any]  # (True, result) or (False, the exception raised)
 
@@ -49,7 +49,7 @@ class SharedCalls:
         # Nothing but this loop runs on its thread between calls, so after a
         # call the flags are known to be ``own`` again, unless restoring failed.
         known: Optional[TaskFlags] = own
-        pinned = mx.Context(mx.current_context())  # private: Context.__enter__ stores state on it
+        pinned = mx.Context(mx.current_context())  # private: a call's ``with`` on it stores state on it
         end_task(ident)
         try:
             while True:
@@ -103,23 +103,24 @@ class Call:
 def run_call(call: Call, own: TaskFlags, known: Optional[TaskFlags], pinned: "mx.Context") -> Tuple[Outcome, bool]:
     """Run one call with its caller's flags; whatever happens is its outcome.
 
-    The worker's context is entered per call, undoing one an earlier call
-    left entered; the worker's ``own`` flags are restored after. ``known``
-    is what the flags are now, if known: the caller's flags are then set
-    only if they differ (a call from a thread that is not recording, the
-    usual case, costs three MXNet calls instead of six).
+    The worker's context is made the default again before the call,
+    undoing one an earlier call left entered (nothing else runs on the
+    loop's thread between calls); the worker's ``own`` flags are restored
+    after. ``known`` is what the flags are now, if known: the caller's flags
+    are then set only if they differ (a call from a thread that is not
+    recording, the usual case, costs three MXNet calls instead of six).
 
     Returns:
         The outcome, and whether the flags are ``own`` again.
     """
     try:
-        with pinned:
-            scope = apply_flags(call.flags, known)
-            try:
-                outcome: Outcome = (True, call.forward_backward(call.x))
-            except BaseException as exc:  # kept for the matching get()
-                outcome = (False, exc)
-            restore_flags(own, scope)
+        keep_default_context(pinned)
+        scope = apply_flags(call.flags, known)
+        try:
+            outcome: Outcome = (True, call.forward_backward(call.x))
+        except BaseException as exc:  # kept for the matching get()
+            outcome = (False, exc)
+        restore_flags(own, scope)
         return outcome, True
     except BaseException as exc:  # setting a flag failed: they are unknown now
         return (False, exc), False

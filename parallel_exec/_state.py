@@ -45,6 +45,21 @@ def current_context() -> Optional["mx.Context"]:
     return getattr(_local, "context", None)
 
 
+_default_context = mx.Context._default_ctx  # MXNet's default context, a threading.local
+
+
+def keep_default_context(pinned: "mx.Context") -> None:
+    """Make ``pinned`` this thread's default context again, if a task left another.
+
+    Called before and after each task, instead of ``with pinned:`` (0.7 us a
+    task): it undoes whatever ``with ctx:`` a task left entered. ``pinned``
+    must be the worker's own copy, since a task's ``with
+    mx.current_context():`` stores ``_old_ctx`` on it.
+    """
+    if _default_context.__dict__.get("value") is not pinned:
+        _default_context.value = pinned
+
+
 def set_worker_context(context: "mx.Context") -> None:
     """Pin this thread to ``context`` for the executor it starts serving.
 

@@ -518,6 +518,21 @@ def test_a_call_that_leaves_recording_on_does_not_reach_the_next():
         assert parallel.get() is False
 
 
+class LeavesAContextEntered(pe.Parallelizable):
+    def forward_backward(self, x):
+        if x == "leave it entered":
+            mx.cpu(3).__enter__()  # and never leave it
+        return mx.current_context()
+
+
+def test_a_call_that_leaves_a_context_entered_does_not_reach_the_next():
+    with pe.Parallel(1, LeavesAContextEntered(), serial_init=False) as parallel:
+        parallel.put("leave it entered")
+        assert parallel.get() == mx.cpu(3)
+        parallel.put("next")
+        assert parallel.get() == mx.cpu(0)  # the worker's own
+
+
 def test_after_putting_the_flags_back_failed_the_next_call_gets_its_flags_set(monkeypatch):
     make_restore_fail_once(_shim_worker, monkeypatch)  # the first call leaves recording on
     with pe.Parallel(1, LeavesRecordingOn(), serial_init=False) as parallel:
