@@ -21,11 +21,12 @@ Assumptions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import time
 from concurrent.futures import Executor, Future
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
 
 from . import _lazy_init, _lifecycle
 from ._crew import BrokenContextExecutor, Crew
@@ -38,6 +39,8 @@ from ._timeline import Timeline, TracedFuture, task_name
 from ._worker import WorkItem
 
 __all__ = ["BrokenContextExecutor", "ContextExecutor"]
+
+_NO_KWARGS: Mapping[str, Any] = {}  # map's calls have none; shared, never written
 
 
 class ContextExecutor(Executor):
@@ -164,18 +167,25 @@ class ContextExecutor(Executor):
             early cancels the calls that have not started.
         """
         end_time = None if timeout is None else time.monotonic() + timeout
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
         flags = capture_flags()
         route = self._router.candidates_for
-        routed = [(route(args, {}), self._new_item(fn, args, {}, flags, for_map=True)) for args in zip(*iterables)]
+        timeline = self._crew.timeline
+        new_future = MapFuture if timeline is None else functools.partial(TracedFuture, timeline, task_name(fn))
+        submit_ns = time.perf_counter_ns()  # one clock read for the batch
+        routed = [(route(args, _NO_KWARGS), WorkItem(new_future(), fn, args, _NO_KWARGS, flags, submit_ns))
+                  for args in zip(*iterables)]
         self._crew.enqueue(routed, self._router.pick)
         return _results_in_order([item.future for _, item in routed], end_time)
 
-    def _new_item(
-        self, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags, for_map: bool = False
-    ) -> WorkItem:
+    def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        return WorkItem(_new_future(self._crew.timeline, fn, for_map), fn, args, kwargs, flags)
+        timeline = self._crew.timeline
+        # A TracedFuture records the caller's waits too.
+        future = TaskFuture() if timeline is None else TracedFuture(timeline, task_name(fn))
+        return WorkItem(future, fn, args, kwargs, flags, time.perf_counter_ns())
 
     def stats(self) -> ExecutorStats:
         """Return a snapshot of every worker's statistics.
@@ -240,14 +250,6 @@ class ContextExecutor(Executor):
         self._crew.shutdown(wait, cancel_futures=cancel_futures)
 
 
-def _new_future(timeline: Optional[Timeline], fn: Callable[..., Any], for_map: bool) -> "TaskFuture | MapFuture":
-    if timeline is not None:
-        return TracedFuture(timeline, task_name(fn))  # records the caller's waits too
-    if for_map:
-        return MapFuture()  # nobody but map's iterator sees it: a cheaper kind
-    return TaskFuture()
-
-
 def _results_in_order(futures: List["TaskFuture | MapFuture"], end_time: Optional[float]) -> Iterator[Any]:
     """Yield the futures' results in order, as ``Executor.map``'s iterator does.
 
@@ -267,6 +269,8 @@ def _results_in_order(futures: List["TaskFuture | MapFuture"], end_time: Optiona
 def _result_or_cancel(future: "TaskFuture | MapFuture", timeout: Optional[float]) -> Any:
     try:
         return future.result(timeout)
+    except BaseException:
+        future.cancel()  # stops a timed-out call that has not started (a no-op once done)
+        raise
     finally:
-        future.cancel()  # no-op once done; stops a timed-out call that has not started
         del future  # break the cycle through a raised exception's traceback

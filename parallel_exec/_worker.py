@@ -38,13 +38,14 @@ class WorkItem:
         args: Tuple[Any, ...],
         kwargs: Mapping[str, Any],
         flags: TaskFlags,
+        submit_ns: int,
     ) -> None:
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.flags = flags
-        self.submit_ns = time.perf_counter_ns()
+        self.submit_ns = submit_ns  # time.perf_counter_ns() when submitted
 
     def run(self, slot: "WorkerSlot", gate: Optional[SerialInitGate]) -> None:
         """Run the call on this thread and complete the future.
