@@ -165,6 +165,10 @@ class ContextExecutor(Executor):
             An iterator of the results. It raises a call's exception when that
             result is reached, ``TimeoutError`` past ``timeout``; closing it
             early cancels the calls that have not started.
+
+        Raises:
+            TypeError: ``fn`` is not callable (even with nothing to map).
+            RuntimeError, BrokenContextExecutor: as for ``submit``.
         """
         end_time = None if timeout is None else time.monotonic() + timeout
         if not callable(fn):

@@ -71,6 +71,20 @@ def test_visible_gpus_are_accepted(monkeypatch):
         pe.ContextExecutor([mx.gpu(2)])
 
 
+@pytest.mark.parametrize("call", ["submit", "submit_to", "map", "map of nothing"])
+def test_a_non_callable_fn_is_a_type_error_and_queues_nothing(executor, call):
+    shard = mx.nd.zeros((1,), ctx=mx.cpu(0))
+    calls = {
+        "submit": lambda: executor.submit("not callable", shard),
+        "submit_to": lambda: executor.submit_to(mx.cpu(0), "not callable", shard),
+        "map": lambda: executor.map("not callable", [shard, shard]),
+        "map of nothing": lambda: executor.map("not callable", []),
+    }
+    with pytest.raises(TypeError, match="fn must be callable, got 'not callable'"):
+        calls[call]()
+    assert sum(s.submitted for s in executor.stats().values()) == 0
+
+
 def test_non_callable_initializer_is_a_type_error():
     with pytest.raises(TypeError, match="initializer.*'not callable'"):
         pe.ContextExecutor(CPU2, initializer="not callable")
