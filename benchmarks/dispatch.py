@@ -19,7 +19,7 @@ import mxnet as mx
 
 import parallel_exec as pe
 
-from floors import SharedQueue, ThreadPerContext
+from floors import CorrectFloor, SharedQueue, ThreadPerContext
 from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
@@ -31,6 +31,8 @@ except ImportError:  # the table then has no gluonnlp row
 # Stripped-down executors (floors.py): what the designs cost before any feature.
 FLOOR_PINNED = "floor: a bare thread per context (queue + a lock per task)"
 FLOOR_SHARED = "floor: one shared queue, no futures (gluonnlp's design)"
+FLOOR_CORRECT = "floor: a thread per context + the flags and routing correctness needs"
+FLOOR_CORRECT_SUBMIT = "floor: a thread per context + the flags and routing, a Future per task, submit+result"
 VARIANTS = 11  # measurements per round, for the progress bar
 
 
@@ -62,7 +64,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
     pool = ThreadPoolExecutor(n)
     ours = pe.Parallel(n, _Noop())
     theirs = gluonnlp_utils.Parallel(n, _Noop()) if gluonnlp_utils is not None else None
-    floor_pinned, floor_shared = ThreadPerContext(n), SharedQueue(n)
+    floor_pinned, floor_shared, floor_correct = ThreadPerContext(n), SharedQueue(n), CorrectFloor(contexts)
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
 
     def submit_result(ex) -> Callable[[], float]:
@@ -120,6 +122,8 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         "pe.Parallel put/get": put_get(ours),
         FLOOR_PINNED: map_shards(floor_pinned),
         FLOOR_SHARED: map_shards(floor_shared),
+        FLOOR_CORRECT: map_shards(floor_correct),
+        FLOOR_CORRECT_SUBMIT: submit_result(floor_correct),
     }
     if theirs is not None:
         variants["gluonnlp Parallel put/get"] = put_get(theirs)
@@ -133,6 +137,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         ours.close()
         floor_pinned.close()
         floor_shared.close()
+        floor_correct.close()
         if theirs is not None:
             close_gluonnlp_parallel(theirs)
         for name in os.listdir(trace_dir):
@@ -151,6 +156,10 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         ("ContextExecutor map, timeline on", "ContextExecutor map"),
         (FLOOR_PINNED, "ThreadPoolExecutor map"),
         ("ContextExecutor map", FLOOR_PINNED),
+        (FLOOR_CORRECT, "ThreadPoolExecutor map"),
+        ("ContextExecutor map", FLOOR_CORRECT),
+        (FLOOR_CORRECT_SUBMIT, "ThreadPoolExecutor submit+result"),
+        ("ContextExecutor submit+result", FLOOR_CORRECT_SUBMIT),
     ]
     if theirs is not None:
         pairs += [

