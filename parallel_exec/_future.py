@@ -23,7 +23,6 @@ from _thread import allocate_lock as _allocate_lock
 from concurrent.futures import CancelledError, Future, _base
 from typing import Any, Optional, Protocol
 
-
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 
 
