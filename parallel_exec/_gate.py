@@ -41,6 +41,11 @@ class SerialInitGate:
         # first task can arrive, so there is nothing left to keep apart.
         self._closed_workers = num_workers
 
+    @property
+    def opened(self) -> bool:
+        """Every worker's first task has succeeded: the gate lets every task through from now on."""
+        return self._closed_workers == 0
+
     def enter(self, first: bool, on_wait: Optional[Callable[[bool], None]] = None) -> bool:
         """Block until the task may run.
 

@@ -25,6 +25,8 @@ from ._timeline import Timeline, task_name
 
 LOGGER = logging.getLogger("parallel_exec")
 
+_now_ns = time.perf_counter_ns
+
 
 class WorkItem:
     """One submitted call and the future it completes."""
@@ -57,18 +59,23 @@ class WorkItem:
         task.
         """
         future = self.future
-        if future.cancelled():
-            return  # counted by cancel(); not a first task (docs/gate.md)
-        start_ns = time.perf_counter_ns()
-        first = not slot.initialized
-        counted = gate.enter(first, slot.set_gated) if gate is not None else False
-        slot.in_gate = counted
-        if not future.set_running_or_notify_cancel():  # cancelled at the gate
-            if gate is not None:
+        if gate is None:  # no gate, or one that lets every task through now
+            first = counted = False
+            start_ns = run_ns = _now_ns()
+            if not future.set_running_or_notify_cancel():
+                return  # counted by cancel()
+        else:
+            if future.cancelled():
+                return  # counted by cancel(); not a first task (docs/gate.md)
+            start_ns = _now_ns()
+            first = not slot.initialized
+            counted = gate.enter(first, slot.set_gated)
+            slot.in_gate = counted
+            if not future.set_running_or_notify_cancel():  # cancelled at the gate
                 gate.leave(first, counted, succeeded=False)  # not a first task either
-            slot.in_gate = False
-            return
-        run_ns = time.perf_counter_ns() if counted else start_ns
+                slot.in_gate = False
+                return
+            run_ns = _now_ns() if counted else start_ns
         restored = False
         pinned = slot.pinned_context
         try:
@@ -109,7 +116,7 @@ class WorkItem:
         task, and its statistics with it. Never raises: whatever happens
         here, the future must still complete.
         """
-        end_ns = time.perf_counter_ns()
+        end_ns = _now_ns()
         try:
             if gate is not None:
                 gate.leave(first, counted, succeeded)
@@ -267,3 +274,5 @@ def _serve_queue(slot: WorkerSlot, gate: Optional[SerialInitGate]) -> None:
         end_task(ident)
         slot.running = None
         del item  # do not keep the task's arguments alive while idle
+        if gate is not None and gate.opened:
+            gate = None  # it lets every task through from now on: skip it
