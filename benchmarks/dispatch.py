@@ -33,7 +33,7 @@ FLOOR_PINNED = "floor: a bare thread per context (queue + a lock per task)"
 FLOOR_SHARED = "floor: one shared queue, no futures (gluonnlp's design)"
 FLOOR_CORRECT = "floor: a thread per context + the flags and routing correctness needs"
 FLOOR_CORRECT_SUBMIT = "floor: a thread per context + the flags and routing, a Future per task, submit+result"
-VARIANTS = 11  # measurements per round, for the progress bar
+VARIANTS = 13  # measurements per round, for the progress bar
 
 
 def noop(x):

@@ -97,7 +97,11 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
     ours_variants = (training.MAP, training.PARALLEL, training.FUTURES)
     for r in training_results:
         present = [name for name in ours_variants if name in r.vs_sequential]
+        floor = r.vs_sequential.get(training.FLOOR)
         if r.model == "python-heavy":
+            if floor is not None:
+                rows.append((f"python-heavy N={r.n}, the floor (a bare thread per context) / sequential (report only)",
+                             f"{floor.median:.3f}x", None))
             for name in present:
                 ratio = r.vs_sequential[name].median
                 rows.append((f"python-heavy N={r.n}, {name}: >= 0.97x sequential", f"{ratio:.3f}x", ratio >= 0.97))
@@ -115,6 +119,9 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
             if ceiling is not None:
                 rows.append((f"sync-in-step N={r.n}: the machine's ceiling, best compute-heavy samples/s at N / "
                              "sequential sync-in-step (report only)", f"{ceiling:.2f}x", None))
+            if floor is not None:
+                rows.append((f"sync-in-step N={r.n}, the floor (a bare thread per context) / sequential (report only)",
+                             f"{floor.median:.2f}x", None))
             for name in present:
                 ratio = r.vs_sequential[name].median
                 rows.append((f"sync-in-step N={r.n}, {name}: >= 1.7x sequential", f"{ratio:.2f}x", ratio >= 1.7))

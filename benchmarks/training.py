@@ -2,9 +2,14 @@
 
 Two models: a Python-heavy imperative one (many small layers, not
 hybridized: most of a step is Python calling MXNet operator by operator) and
-a compute-heavy hybridized one (a few large matrix products per step). Four
-ways to drive the N shards of each step: the sequential loop, gluonnlp's
-``Parallel``, ``ContextExecutor.map`` and a ``ContextExecutor`` futures loop.
+a compute-heavy hybridized one (a few large matrix products per step), and
+the compute-heavy one reading its loss on the host in each shard
+("sync-in-step"). Ways to drive the N shards of each step: the sequential
+loop, gluonnlp's ``Parallel``, ``ContextExecutor.map``, a ``ContextExecutor``
+futures loop, ``pe.Parallel``, and the floor of any threaded design: a bare
+thread per context (``floors.ThreadPerContext``, nothing else), whose first
+step runs in the calling thread, one shard after another (Gluon's deferred
+initialisation is not thread-safe).
 
 Every variant has its own copy of the network, loaded from the same saved
 parameters, and sees the same batches in the same order; after the last round
@@ -30,6 +35,7 @@ from mxnet import autograd, gluon
 
 import parallel_exec as pe
 
+from floors import ThreadPerContext
 from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
@@ -42,8 +48,9 @@ GLUONNLP = "gluonnlp Parallel"
 MAP = "ContextExecutor.map"
 FUTURES = "ContextExecutor futures loop"
 PARALLEL = "pe.Parallel"
+FLOOR = "floor: a bare thread per context"
 REFERENCE = "sequential, 1 context"  # the single-context baseline every ratio to 1 context uses
-VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES, PARALLEL)
+VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES, PARALLEL, FLOOR)
 RSS_VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES)  # the peak-RSS children (one process each)
 PROFILE_ROUNDS = 7  # recordings of a few steps per variant, for the span profile
 
@@ -142,8 +149,12 @@ class Variant:
         self.replica = replica
         self.executor: Optional[pe.ContextExecutor] = None
         self.parallel = None
+        self.floor: Optional[ThreadPerContext] = None
+        self.steps = 0
         n = len(replica.contexts)
-        if name == GLUONNLP:
+        if name == FLOOR:
+            self.floor = ThreadPerContext(n)
+        elif name == GLUONNLP:
             self.parallel = gluonnlp_utils.Parallel(n, _GluonnlpShard(replica))
         elif name == PARALLEL:
             self.parallel = pe.Parallel(n, _GluonnlpShard(replica))
@@ -152,9 +163,12 @@ class Variant:
 
     def step(self, shards: Sequence[Tuple[mx.nd.NDArray, mx.nd.NDArray]]) -> None:
         replica = self.replica
-        if self.name in (SEQUENTIAL, REFERENCE):
+        self.steps += 1
+        if self.name in (SEQUENTIAL, REFERENCE) or (self.name == FLOOR and self.steps == 1):
             for shard in shards:
                 replica.forward_backward(shard)
+        elif self.name == FLOOR:
+            self.floor.map(replica.forward_backward, shards)  # shard i on thread i
         elif self.name in (GLUONNLP, PARALLEL):
             for shard in shards:
                 self.parallel.put(shard)
@@ -171,6 +185,8 @@ class Variant:
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
+        if self.floor is not None:
+            self.floor.close()
         if self.name == GLUONNLP:
             close_gluonnlp_parallel(self.parallel)
         elif self.parallel is not None:

@@ -31,7 +31,7 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
 
     # Every training variant of every model and N ended with the sequential loop's parameters.
     training = [row for row in rows if row[0] in ("python-heavy", "compute-heavy", "sync-in-step")]
-    assert len(training) == 3 * (5 + 5), training  # 3 models x (N=1: 5 variants, N=2: 5 variants)
+    assert len(training) == 3 * (6 + 6), training  # 3 models x (N=1: 6 variants, N=2: 6 variants)
     assert all(row[-1].startswith("yes (") for row in training), training
     agreement = [row for row in rows if row[0].endswith("all variants end with the same parameters")]
     assert agreement and all(row[1:] == ["yes", "met"] for row in agreement), agreement
