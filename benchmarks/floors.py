@@ -59,6 +59,15 @@ class ThreadPerContext:
             box.append(fn(arg))
             done.release()
 
+    def call_on(self, index: int, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """Run ``fn(arg)`` on thread ``index`` and wait for it: one shard of a serial first step."""
+        done = threading.Lock()
+        done.acquire()
+        box: List[Any] = []
+        self._queues[index].put((done, box, fn, arg))
+        done.acquire()
+        return box[0]
+
     def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
         pending = []
         for work, shard in zip(self._queues, shards):

@@ -8,8 +8,10 @@ the compute-heavy one reading its loss on the host in each shard
 loop, gluonnlp's ``Parallel``, ``ContextExecutor.map``, a ``ContextExecutor``
 futures loop, ``pe.Parallel``, and the floor of any threaded design: a bare
 thread per context (``floors.ThreadPerContext``, nothing else), whose first
-step runs in the calling thread, one shard after another (Gluon's deferred
-initialisation is not thread-safe).
+step runs one shard at a time, each on its own thread, as ``map``'s
+serial-init gate runs it (Gluon's deferred initialisation is not
+thread-safe, and a hybridized block runs fastest on the thread that ran its
+first step on that device: RESULTS.md, hot-path experiments).
 
 Every variant has its own copy of the network, loaded from the same saved
 parameters, and sees the same batches in the same order; after the last round
@@ -164,9 +166,12 @@ class Variant:
     def step(self, shards: Sequence[Tuple[mx.nd.NDArray, mx.nd.NDArray]]) -> None:
         replica = self.replica
         self.steps += 1
-        if self.name in (SEQUENTIAL, REFERENCE) or (self.name == FLOOR and self.steps == 1):
+        if self.name in (SEQUENTIAL, REFERENCE):
             for shard in shards:
                 replica.forward_backward(shard)
+        elif self.name == FLOOR and self.steps == 1:  # serial: one shard at a time, each on its own thread
+            for index, shard in enumerate(shards):
+                self.floor.call_on(index, replica.forward_backward, shard)
         elif self.name == FLOOR:
             self.floor.map(replica.forward_backward, shards)  # shard i on thread i
         elif self.name in (GLUONNLP, PARALLEL):
