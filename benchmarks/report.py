@@ -106,6 +106,10 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
                 ratio = r.vs_sequential[name].median
                 rows.append((f"python-heavy N={r.n}, {name}: >= 0.97x sequential", f"{ratio:.3f}x", ratio >= 0.97))
         if r.model == "compute-heavy":
+            floor_vs_best = r.vs_best_peer.get(training.FLOOR)
+            if floor_vs_best is not None:
+                rows.append((f"compute-heavy N={r.n}, the floor (a bare thread per context) / best of sequential and "
+                             "gluonnlp (report only)", f"{floor_vs_best.median:.3f}x the best", None))
             for name in present:
                 ratio = r.vs_best_peer[name].median
                 rows.append((f"compute-heavy N={r.n}, {name}: >= 0.97x best of sequential and gluonnlp",
