@@ -126,7 +126,7 @@ class ContextExecutor(Executor):
             BrokenContextExecutor: an initializer failed.
             TypeError: ``fn`` is not callable.
         """
-        item = self._new_item(fn, args, kwargs, capture_flags())
+        item = _submit_item(self._crew, fn, args, kwargs, capture_flags())
         self._crew.enqueue([(self._router.candidates_for(args, kwargs), item)], self._router.pick)
         return cast(Future, item.future)  # a TaskFuture: only map's items get a MapFuture
 
@@ -140,7 +140,7 @@ class ContextExecutor(Executor):
             RuntimeError, BrokenContextExecutor: as for ``submit``.
         """
         candidates = self._router.workers_of(context)
-        item = self._new_item(fn, args, kwargs, capture_flags())
+        item = _submit_item(self._crew, fn, args, kwargs, capture_flags())
         self._crew.enqueue([(candidates, item)], self._router.pick)
         return cast(Future, item.future)
 
@@ -171,25 +171,15 @@ class ContextExecutor(Executor):
             RuntimeError, BrokenContextExecutor: as for ``submit``.
         """
         end_time = None if timeout is None else time.monotonic() + timeout
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {fn!r}")
+        _check_callable(fn)
         flags = capture_flags()
         route = self._router.candidates_for
-        timeline = self._crew.timeline
-        new_future = MapFuture if timeline is None else functools.partial(TracedFuture, timeline, task_name(fn))
+        new_future = _future_maker(self._crew.timeline, fn, for_map=True)
         submit_ns = time.perf_counter_ns()  # one clock read for the batch
         routed = [(route(args, _NO_KWARGS), WorkItem(new_future(), fn, args, _NO_KWARGS, flags, submit_ns))
                   for args in zip(*iterables)]
         self._crew.enqueue(routed, self._router.pick)
         return _results_in_order([item.future for _, item in routed], end_time)
-
-    def _new_item(self, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {fn!r}")
-        timeline = self._crew.timeline
-        # A TracedFuture records the caller's waits too.
-        future = TaskFuture() if timeline is None else TracedFuture(timeline, task_name(fn))
-        return WorkItem(future, fn, args, kwargs, flags, time.perf_counter_ns())
 
     def stats(self) -> ExecutorStats:
         """Return a snapshot of every worker's statistics.
@@ -252,6 +242,26 @@ class ContextExecutor(Executor):
                 held at the serial-init gate included.
         """
         self._crew.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def _check_callable(fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {fn!r}")
+
+
+def _future_maker(timeline: Optional[Timeline], fn: Callable[..., Any], for_map: bool) -> Callable[[], Any]:
+    """What makes a call's future: a ``TracedFuture`` while a timeline records
+    (it records the caller's waits too), else a ``MapFuture`` for ``map``'s
+    calls (only its iterator sees them: a cheaper kind), else a ``TaskFuture``."""
+    if timeline is not None:
+        return functools.partial(TracedFuture, timeline, task_name(fn))
+    return MapFuture if for_map else TaskFuture
+
+
+def _submit_item(crew: Crew, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:
+    _check_callable(fn)
+    new_future = _future_maker(crew.timeline, fn, for_map=False)
+    return WorkItem(new_future(), fn, args, kwargs, flags, time.perf_counter_ns())
 
 
 def _results_in_order(futures: List["TaskFuture | MapFuture"], end_time: Optional[float]) -> Iterator[Any]:
