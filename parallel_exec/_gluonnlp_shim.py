@@ -16,13 +16,13 @@ Guarantees:
   fail at once, naming ``os.fork()``.
 - Calls start in ``put()`` order: one FIFO, whichever worker takes a call.
 - The loops end after the calls put before ``close()``, the ``Parallel``'s
-  collection, or interpreter exit (this module's exit hook runs before the
-  executors' own, which waits for every worker task to end).
+  collection, or interpreter exit (the executors' exit hook tells them to,
+  through ``_lifecycle.call_before_exit``, before it waits for every worker
+  task to end).
 """
 
 from __future__ import annotations
 
-import atexit
 import operator
 import os
 import queue
@@ -30,6 +30,7 @@ import threading
 import weakref
 from typing import Any, Callable, Optional
 
+from . import _lifecycle
 from ._executor import ContextExecutor
 from ._mxnet import mx
 from ._shim_worker import Call, Outcome, SharedCalls
@@ -37,8 +38,6 @@ from ._state import capture_flags
 
 # Every Parallel not yet collected, for the fork and exit hooks.
 _live: "weakref.WeakSet[Parallel]" = weakref.WeakSet()
-_exit_hook_installed = False  # set, under _install_lock, by the first Parallel with workers
-_install_lock = threading.Lock()
 
 
 class Parallelizable:
@@ -121,8 +120,7 @@ class Parallel:
                 self._executor.submit(self._calls.serve)  # round-robin: one loop per worker
             # Runs once: at close(), at the exit hook, or when this Parallel is collected.
             self._stop_loops = weakref.finalize(self, _stop, self._calls, num_workers, self._executor)
-            self._stop_loops.atexit = False  # _stop_all_at_exit does it, in the right order
-            _install_exit_hook()
+            self._stop_loops.atexit = False  # _stop_all_at_exit does it, before the executors stop
         _live.add(self)
 
     def put(self, x: Any) -> None:
@@ -229,8 +227,7 @@ class Parallel:
         with self._lock:
             if self._closed is None:
                 self._closed = reason
-        if self._stop_loops is not None:
-            self._stop_loops()  # once only, whoever calls it
+        _call_once(self._stop_loops)
 
     def __enter__(self) -> "Parallel":
         return self
@@ -300,23 +297,27 @@ def _stop(calls: SharedCalls, loops: int, executor: ContextExecutor) -> None:
     executor.shutdown(wait=False)
 
 
-def _install_exit_hook() -> None:
-    """Register ``_stop_all_at_exit``, once, after the executors' exit hook.
+def _call_once(finalizer: Optional[weakref.finalize]) -> None:
+    """Call what ``finalizer`` would call, once only, whoever gets it first.
 
-    atexit runs hooks last-in first-out, and the executors' hook (installed
-    by the first ``ContextExecutor``, before this) waits for every worker
-    task to end: the loops must have been told to end by then.
+    Not ``finalizer()``: at interpreter exit, weakref's own exit hook has run
+    by then and turned every finalizer into a no-op; ``detach`` still hands
+    over what it would have called.
     """
-    global _exit_hook_installed
-    with _install_lock:
-        if not _exit_hook_installed:
-            _exit_hook_installed = True
-            atexit.register(_stop_all_at_exit)
+    stop = finalizer.detach() if finalizer is not None else None
+    if stop is not None:
+        _, func, args, _ = stop
+        func(*args)
 
 
 def _stop_all_at_exit() -> None:
+    """Refuse puts and end every loop after its calls: the executors' exit
+    hook calls this before it waits for every worker task to end."""
     for parallel in list(_live):
         parallel._refuse_puts("interpreter exit began")
+
+
+_lifecycle.call_before_exit(_stop_all_at_exit)
 
 
 def _disable_in_forked_child() -> None:

@@ -14,10 +14,11 @@ starts, not at import. They make sure that:
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import weakref
-from typing import Any
+from typing import Any, Callable, List
 
 from . import _forkguard, _mxnet, _pool  # noqa: F401  mxnet first: see install()
 
@@ -27,9 +28,14 @@ from . import _forkguard, _mxnet, _pool  # noqa: F401  mxnet first: see install(
 _live_crews: "weakref.WeakSet[Any]" = weakref.WeakSet()
 # Set once by the exit hook; submit reads it to name the reason it refuses.
 exiting = False
+# Called first by the exit hook, before any worker is told to end: whatever
+# must end before the workers can (``Parallel``'s loops, long tasks that end
+# only when told).
+_before_exit: List[Callable[[], None]] = []
 # Guards the globals above; lock order: before an executor's lock.
 _global_lock = threading.Lock()
 _installed = False
+LOGGER = logging.getLogger("parallel_exec")
 
 
 def install() -> None:
@@ -55,12 +61,24 @@ def track(crew: Any) -> None:
         _live_crews.add(crew)
 
 
+def call_before_exit(fn: Callable[[], None]) -> None:
+    """Have the exit hook call ``fn`` before it tells any worker to end."""
+    with _global_lock:
+        _before_exit.append(fn)
+
+
 def _stop_all_workers_at_exit() -> None:
     """Let every worker finish its queued tasks, then join every thread."""
     global exiting
     with _global_lock:
         exiting = True
         crews = list(_live_crews)
+        first = list(_before_exit)
+    for fn in first:
+        try:
+            fn()
+        except Exception:  # a bug of this package: the workers must still be stopped
+            LOGGER.critical("Exception in an exit callback", exc_info=True)
     for crew in crews:
         crew.shutdown(wait=False)  # under its lock: no task lands after the sentinel
     # A collected executor's finalizer has already told its workers to end.
