@@ -276,3 +276,32 @@ def test_import_without_mxnet_says_what_to_install(tmp_path, hide):
     assert message.startswith("ImportError")
     assert "needs MXNet" in message
     assert "pip install" in message and "mxnet" in message
+
+
+def test_an_exit_callback_that_raises_is_logged_and_the_workers_still_finish():
+    result = run_script(
+        """
+        import mxnet as mx
+        import parallel_exec as pe
+        from parallel_exec import _lifecycle
+
+        def broken():
+            raise ValueError("broken exit callback")
+
+        ex = pe.ContextExecutor([mx.cpu(0)])
+        notice_exit()
+        _lifecycle.call_before_exit(broken)
+        started = threading.Event()
+
+        def parked():
+            started.set()
+            exiting.wait(30)  # still running when the exit hook calls the broken callback
+            say("parked task done")
+
+        ex.submit(parked)
+        assert started.wait(30)
+        say("main thread ends")
+        """
+    )
+    assert result.stdout.splitlines() == ["main thread ends", "parked task done"]
+    assert "Exception in an exit callback" in result.stderr and "broken exit callback" in result.stderr
