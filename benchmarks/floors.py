@@ -26,13 +26,29 @@ import queue
 import threading
 import timeit
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import mxnet as mx
 
 import parallel_exec as pe
 from parallel_exec import _held, _routing, _state
 from parallel_exec._future import MapFuture, TaskFuture
+
+
+def _pending() -> Tuple[Any, List[Any]]:
+    """What a floor's call is waited on with: a lock held until its result is in the box."""
+    done = threading.Lock()
+    done.acquire()
+    return done, []
+
+
+def _results(pending: Sequence[Tuple[Any, List[Any]]]) -> List[Any]:
+    """Wait for each call in order; its result."""
+    results = []
+    for done, box in pending:
+        done.acquire()
+        results.append(box[0])
+    return results
 
 
 class ThreadPerContext:
@@ -61,26 +77,17 @@ class ThreadPerContext:
 
     def call_on(self, index: int, fn: Callable[[Any], Any], arg: Any) -> Any:
         """Run ``fn(arg)`` on thread ``index`` and wait for it: one shard of a serial first step."""
-        done = threading.Lock()
-        done.acquire()
-        box: List[Any] = []
+        done, box = _pending()
         self._queues[index].put((done, box, fn, arg))
-        done.acquire()
-        return box[0]
+        return _results([(done, box)])[0]
 
     def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
         pending = []
         for work, shard in zip(self._queues, shards):
-            done = threading.Lock()
-            done.acquire()
-            box: List[Any] = []
+            done, box = _pending()
             work.put((done, box, fn, shard))
             pending.append((done, box))
-        results = []
-        for done, box in pending:
-            done.acquire()
-            results.append(box[0])
-        return results
+        return _results(pending)
 
     def close(self) -> None:
         for work in self._queues:
@@ -134,16 +141,10 @@ class CorrectFloor:
         flags = _state.capture_flags()
         pending = []
         for shard in shards:
-            done = threading.Lock()
-            done.acquire()
-            box: List[Any] = []
+            done, box = _pending()
             self._queues[_held.device_of(shard)].put(((done, box), fn, shard, flags))
             pending.append((done, box))
-        results = []
-        for done, box in pending:
-            done.acquire()
-            results.append(box[0])
-        return results
+        return _results(pending)
 
     def submit(self, fn: Callable[[Any], Any], shard: Any) -> Future:
         future: Future = Future()
