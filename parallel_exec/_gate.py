@@ -60,7 +60,7 @@ class SerialInitGate:
         Returns:
             A token to hand to ``leave``: whether the task was counted.
         """
-        if self._closed_workers == 0:
+        if self.opened:
             return False
         with self._cond:
             if first:
