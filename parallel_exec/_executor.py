@@ -178,8 +178,9 @@ class ContextExecutor(Executor):
         submit_ns = time.perf_counter_ns()  # one clock read for the batch
         routed = [(route(args, _NO_KWARGS), WorkItem(new_future(), fn, args, _NO_KWARGS, flags, submit_ns))
                   for args in zip(*iterables)]
+        results = _results_in_order([item.future for _, item in routed], end_time)  # before the workers wake
         self._crew.enqueue(routed, self._router.pick)
-        return _results_in_order([item.future for _, item in routed], end_time)
+        return results
 
     def stats(self) -> ExecutorStats:
         """Return a snapshot of every worker's statistics.
