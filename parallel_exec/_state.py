@@ -60,14 +60,15 @@ def keep_default_context(pinned: "mx.Context") -> None:
         _default_context.value = pinned
 
 
-def set_worker_context(context: "mx.Context") -> None:
+def set_worker_context(context: "mx.Context", pinned: "mx.Context") -> None:
     """Pin this thread to ``context`` for the executor it starts serving.
 
-    Sets what ``current_context`` returns and MXNet's default context, so
-    code between tasks (done-callbacks) sees the worker's context too.
+    Sets what ``current_context`` returns, and MXNet's default context to
+    ``pinned``, the worker's private copy of ``context`` (``keep_default_context``),
+    so code between tasks (done-callbacks) sees the worker's context too.
     """
     _local.context = context
-    mx.Context._default_ctx.value = mx.Context(context)
+    mx.Context._default_ctx.value = pinned
 
 
 class TaskFlags(NamedTuple):

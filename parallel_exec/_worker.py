@@ -76,29 +76,32 @@ class WorkItem:
                 slot.in_gate = False
                 return
             run_ns = _now_ns() if counted else start_ns
-        restored = False
         pinned = slot.pinned_context
+        known = slot.known_flags
+        slot.known_flags = None  # until the task is over and its flags put back
+        if known is None:  # something else ran here since the last task: it may have entered a context
+            keep_default_context(pinned)
         try:
-            keep_default_context(pinned)  # the worker's, whatever an earlier task left entered
-            scope = apply_flags(self.flags, slot.known_flags)
-            slot.known_flags = None
+            scope = apply_flags(self.flags, known)
             try:
                 result = self.fn(*self.args, **self.kwargs)
             finally:
                 keep_default_context(pinned)  # for done-callbacks, which run on this thread too
                 restore_flags(slot.own_flags, scope)
-                restored = True
         except BaseException as exc:  # any exception belongs to the future
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=False)
             future.set_exception(exc)
-            slot.known_flags = _flags_after(slot, future, restored)
             # Break the cycle exception -> traceback -> this frame -> future.
             del self, future
         else:
             slot.initialized = True
             self._finish(slot, gate, first, counted, start_ns, run_ns, succeeded=True)
             future.set_result(result)
-            slot.known_flags = _flags_after(slot, future, restored)
+            if not future._done_callbacks:  # type: ignore[union-attr]  # Future's private list (_future)
+                # Nothing ran on this thread since the flags were put back (a
+                # done-callback runs here only if it was added before the
+                # result: one added later runs in the thread adding it).
+                slot.known_flags = slot.own_flags
 
     def _finish(
         self,
@@ -120,7 +123,7 @@ class WorkItem:
         try:
             if gate is not None:
                 gate.leave(first, counted, succeeded)
-            slot.in_gate = False
+                slot.in_gate = False
             slot.counters.add_task(start_ns - self.submit_ns, run_ns - start_ns, end_ns - run_ns, succeeded)
             timeline = slot.timeline
             if timeline is not None:
@@ -138,18 +141,6 @@ class WorkItem:
         if self.future.set_running_or_notify_cancel():  # False: cancelled, counted already
             counters.count_failed_unrun()
             self.future.set_exception(exc)
-
-
-def _flags_after(slot: "WorkerSlot", future: "TaskFuture | MapFuture", restored: bool) -> Optional[TaskFlags]:
-    """The worker's flags once ``future`` is complete, if known: its own.
-
-    Unknown if putting them back failed, or if done-callbacks ran on this
-    thread (``_done_callbacks`` lists exactly those once the future is
-    complete: one added later runs in the thread adding it). The next task
-    then sets every flag; otherwise only those that differ.
-    """
-    ran_callbacks = future._done_callbacks  # type: ignore[union-attr]  # Future's private list (_future)
-    return slot.own_flags if restored and not ran_callbacks else None
 
 
 class WorkerSlot:
@@ -229,7 +220,7 @@ class WorkerJob:
     def run(self) -> None:
         """Pin, initialise, then serve until ``None``; never raises."""
         slot = self.slot
-        set_worker_context(slot.context)
+        set_worker_context(slot.context, slot.pinned_context)
         if self.initializer is not None:
             try:
                 with slot.pinned_context:

@@ -172,6 +172,19 @@ def test_a_done_callback_after_a_task_that_left_a_context_entered_sees_the_worke
         ex.shutdown(wait=True)
 
 
+def test_a_done_callback_that_leaves_a_context_entered_does_not_reach_the_next_task():
+    # The worker checks its context before a task only when something may
+    # have run on its thread since the last one: such a callback.
+    release = threading.Event()
+    with pe.ContextExecutor([mx.cpu(1)]) as ex:
+        assert ex.submit(where).result(TIMEOUT) == (mx.cpu(1), mx.cpu(1))
+        future = ex.submit(release.wait, TIMEOUT)
+        future.add_done_callback(lambda _: mx.cpu(3).__enter__())  # not done yet: runs on the worker
+        release.set()
+        future.result(TIMEOUT)
+        assert ex.submit(where).result(TIMEOUT) == (mx.cpu(1), mx.cpu(1))
+
+
 def test_current_context_is_none_outside_workers(executor):
     assert executor.submit_to(mx.cpu(1), where).result(TIMEOUT)[0] == mx.cpu(1)
     assert pe.current_context() is None  # main thread, while workers exist
