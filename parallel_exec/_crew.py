@@ -83,14 +83,7 @@ class Crew:
             BrokenContextExecutor: an initializer failed.
         """
         with self.lock:
-            if self._forked_away_from is not None:
-                raise RuntimeError(_forked_message(self._forked_away_from))
-            if self._broken:
-                raise BrokenContextExecutor(self._broken)
-            if _lifecycle.exiting:  # first: the exit hook also shuts executors down
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             queues = []
             for candidates, item in routed:
                 slot = pick(candidates)
@@ -103,6 +96,27 @@ class Crew:
             # about two; benchmarks/RESULTS.md).
             for work_queue, (_, item) in zip(queues, routed):
                 work_queue.put(item)
+
+    def enqueue_one(self, candidates: Optional[List[WorkerSlot]], item: WorkItem,
+                    pick: Callable[[Optional[List[WorkerSlot]]], WorkerSlot]) -> None:
+        """``enqueue`` for ``submit``'s one item, with no lists to build."""
+        with self.lock:
+            self._check_open()
+            slot = pick(candidates)
+            slot.counters.submitted += 1
+            item.future.counters = slot.counters
+            slot.queue.put(item)
+
+    def _check_open(self) -> None:
+        """Raise if no task may be queued now (called under ``lock``)."""
+        if self._forked_away_from is not None:
+            raise RuntimeError(_forked_message(self._forked_away_from))
+        if self._broken:
+            raise BrokenContextExecutor(self._broken)
+        if _lifecycle.exiting:  # first: the exit hook also shuts executors down
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
 
     def start_recording(self, timeline: Timeline) -> None:
         """Record the tasks on ``timeline`` (submitted ones get a traced future).

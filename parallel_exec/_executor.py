@@ -26,7 +26,7 @@ import itertools
 import os
 import time
 from concurrent.futures import Executor, Future
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from . import _lazy_init, _lifecycle
 from ._crew import BrokenContextExecutor, Crew
@@ -127,8 +127,8 @@ class ContextExecutor(Executor):
             TypeError: ``fn`` is not callable.
         """
         item = _submit_item(self._crew, fn, args, kwargs, capture_flags())
-        self._crew.enqueue([(self._router.candidates_for(args, kwargs), item)], self._router.pick)
-        return cast(Future, item.future)  # a TaskFuture: only map's items get a MapFuture
+        self._crew.enqueue_one(self._router.candidates_for(args, kwargs), item, self._router.pick)
+        return item.future  # type: ignore[return-value]  # a TaskFuture: only map's items get a MapFuture
 
     def submit_to(self, context: "mx.Context", fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker pinned to ``context``.
@@ -141,8 +141,8 @@ class ContextExecutor(Executor):
         """
         candidates = self._router.workers_of(context)
         item = _submit_item(self._crew, fn, args, kwargs, capture_flags())
-        self._crew.enqueue([(candidates, item)], self._router.pick)
-        return cast(Future, item.future)
+        self._crew.enqueue_one(candidates, item, self._router.pick)
+        return item.future  # type: ignore[return-value]
 
     def map(
         self, fn: Callable[..., Any], *iterables: Any, timeout: Optional[float] = None, chunksize: int = 1
@@ -174,7 +174,7 @@ class ContextExecutor(Executor):
         _check_callable(fn)
         flags = capture_flags()
         route = self._router.candidates_for
-        new_future = _future_maker(self._crew.timeline, fn, for_map=True)
+        new_future = _map_future_maker(self._crew.timeline, fn)
         submit_ns = time.perf_counter_ns()  # one clock read for the batch
         routed = [(route(args, _NO_KWARGS), WorkItem(new_future(), fn, args, _NO_KWARGS, flags, submit_ns))
                   for args in zip(*iterables)]
@@ -250,19 +250,22 @@ def _check_callable(fn: Any) -> None:
         raise TypeError(f"fn must be callable, got {fn!r}")
 
 
-def _future_maker(timeline: Optional[Timeline], fn: Callable[..., Any], for_map: bool) -> Callable[[], Any]:
-    """What makes a call's future: a ``TracedFuture`` while a timeline records
-    (it records the caller's waits too), else a ``MapFuture`` for ``map``'s
-    calls (only its iterator sees them: a cheaper kind), else a ``TaskFuture``."""
+def _map_future_maker(timeline: Optional[Timeline], fn: Callable[..., Any]) -> Callable[[], Any]:
+    """What makes a ``map`` call's future: a ``TracedFuture`` while a timeline
+    records (it records the caller's waits too), else a ``MapFuture`` (only
+    ``map``'s iterator sees it: a cheaper kind than a ``Future``)."""
     if timeline is not None:
         return functools.partial(TracedFuture, timeline, task_name(fn))
-    return MapFuture if for_map else TaskFuture
+    return MapFuture
 
 
 def _submit_item(crew: Crew, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:
+    """The work item of a ``submit`` or ``submit_to`` call: a ``TaskFuture``,
+    or a ``TracedFuture`` while a timeline records."""
     _check_callable(fn)
-    new_future = _future_maker(crew.timeline, fn, for_map=False)
-    return WorkItem(new_future(), fn, args, kwargs, flags, time.perf_counter_ns())
+    timeline = crew.timeline
+    future = TaskFuture() if timeline is None else TracedFuture(timeline, task_name(fn))
+    return WorkItem(future, fn, args, kwargs, flags, time.perf_counter_ns())
 
 
 def _results_in_order(futures: List["TaskFuture | MapFuture"], end_time: Optional[float]) -> Iterator[Any]:
