@@ -19,7 +19,7 @@ import mxnet as mx
 
 import parallel_exec as pe
 
-from floors import CorrectFloor, SharedQueue, ThreadPerContext
+from floors import ContractFloor, CorrectFloor, SharedQueue, ThreadPerContext
 from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
@@ -33,7 +33,9 @@ FLOOR_PINNED = "floor: a bare thread per context (queue + a lock per task)"
 FLOOR_SHARED = "floor: one shared queue, no futures (gluonnlp's design)"
 FLOOR_CORRECT = "floor: a thread per context + the flags and routing correctness needs"
 FLOOR_CORRECT_SUBMIT = "floor: a thread per context + the flags and routing, a Future per task, submit+result"
-VARIANTS = 13  # measurements per round, for the progress bar
+FLOOR_CONTRACT = "floor: a lean executor keeping every per-task promise, map"
+FLOOR_CONTRACT_SUBMIT = "floor: a lean executor keeping every per-task promise, submit+result"
+VARIANTS = 15  # measurements per round, for the progress bar
 
 
 def noop(x):
@@ -65,6 +67,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
     ours = pe.Parallel(n, _Noop())
     theirs = gluonnlp_utils.Parallel(n, _Noop()) if gluonnlp_utils is not None else None
     floor_pinned, floor_shared, floor_correct = ThreadPerContext(n), SharedQueue(n), CorrectFloor(contexts)
+    floor_contract = ContractFloor(contexts)
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
 
     def submit_result(ex) -> Callable[[], float]:
@@ -124,6 +127,8 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         FLOOR_SHARED: map_shards(floor_shared),
         FLOOR_CORRECT: map_shards(floor_correct),
         FLOOR_CORRECT_SUBMIT: submit_result(floor_correct),
+        FLOOR_CONTRACT: map_shards(floor_contract),
+        FLOOR_CONTRACT_SUBMIT: submit_result(floor_contract),
     }
     if theirs is not None:
         variants["gluonnlp Parallel put/get"] = put_get(theirs)
@@ -138,6 +143,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         floor_pinned.close()
         floor_shared.close()
         floor_correct.close()
+        floor_contract.close()
         if theirs is not None:
             close_gluonnlp_parallel(theirs)
         for name in os.listdir(trace_dir):
@@ -160,6 +166,10 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
         ("ContextExecutor map", FLOOR_CORRECT),
         (FLOOR_CORRECT_SUBMIT, "ThreadPoolExecutor submit+result"),
         ("ContextExecutor submit+result", FLOOR_CORRECT_SUBMIT),
+        (FLOOR_CONTRACT, "ThreadPoolExecutor map"),
+        ("ContextExecutor map", FLOOR_CONTRACT),
+        (FLOOR_CONTRACT_SUBMIT, "ThreadPoolExecutor submit+result"),
+        ("ContextExecutor submit+result", FLOOR_CONTRACT_SUBMIT),
     ]
     if theirs is not None:
         pairs += [

@@ -11,6 +11,10 @@ statistics, cancellation):
 - ``CorrectFloor``: ``ThreadPerContext`` plus the flags and the routing,
   which no correct executor can drop: the floor of ``ContextExecutor``'s
   ``map`` (a lock per task) and ``submit`` (a ``Future`` per task).
+- ``ContractFloor``: a lean executor that keeps every per-task promise of
+  ``ContextExecutor``'s contract (statistics, cancellation, pinning, the
+  fork guard, shutdown checks besides the flags and routing), written as
+  directly as it can be: the floor of the contract, not of the design.
 - ``SharedQueue``: threads sharing one input queue and one output queue, no
   futures: the floor of gluonnlp's ``Parallel`` design, which cannot pin a
   shard to its device, and of ``pe.Parallel``, which uses it too.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import timeit
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -31,8 +36,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import mxnet as mx
 
 import parallel_exec as pe
-from parallel_exec import _held, _routing, _state
+from parallel_exec import _forkguard, _held, _lifecycle, _routing, _state
 from parallel_exec._future import MapFuture, TaskFuture
+from parallel_exec._stats import WorkerCounters
 
 
 def _pending() -> Tuple[Any, List[Any]]:
@@ -139,11 +145,11 @@ class CorrectFloor:
 
     def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
         flags = _state.capture_flags()
-        pending = []
-        for shard in shards:
-            done, box = _pending()
-            self._queues[_held.device_of(shard)].put(((done, box), fn, shard, flags))
-            pending.append((done, box))
+        pending = [_pending() for _ in shards]
+        placed = [(self._queues[_held.device_of(shard)], (done, fn, shard, flags))
+                  for shard, done in zip(shards, pending)]
+        for work, item in placed:  # back to back: each put wakes a thread (RESULTS.md)
+            work.put(item)
         return _results(pending)
 
     def submit(self, fn: Callable[[Any], Any], shard: Any) -> Future:
@@ -154,6 +160,128 @@ class CorrectFloor:
     def close(self) -> None:
         for work in self._queues.values():
             work.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+class _ContractWorker:
+    """One worker of ``ContractFloor``: its queue, counters and flags."""
+
+    def __init__(self, context: "mx.Context") -> None:
+        self.context = context
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.counters = WorkerCounters()
+        self.pinned = mx.Context(context)
+        self.known: Any = None  # its flags, when nothing else can have run on its thread since a task
+
+    @property
+    def load(self) -> int:
+        return self.counters.load
+
+    def serve(self) -> None:
+        _state.set_worker_context(self.context, self.pinned)
+        own = self.known = _state.capture_flags()
+        work, counters, pinned, now = self.queue, self.counters, self.pinned, time.perf_counter_ns
+        ident, busy = threading.get_ident(), _forkguard._busy
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            busy.add(ident)  # the fork guard's bookkeeping (no fork runs here)
+            future, fn, args, kwargs, flags, submit_ns = item
+            start = now()
+            if future.set_running_or_notify_cancel():
+                known, self.known = self.known, None
+                if known is None:
+                    _state.keep_default_context(pinned)
+                try:
+                    scope = _state.apply_flags(flags, known)
+                    try:
+                        result = fn(*args, **kwargs)
+                    finally:
+                        _state.keep_default_context(pinned)
+                        _state.restore_flags(own, scope)
+                except BaseException as exc:
+                    counters.add_task(start - submit_ns, 0, now() - start, False)
+                    future.set_exception(exc)
+                else:
+                    counters.add_task(start - submit_ns, 0, now() - start, True)
+                    future.set_result(result)
+                    if not future._done_callbacks:
+                        self.known = own
+            busy.discard(ident)
+            del item, future, fn, args, kwargs
+
+
+class ContractFloor:
+    """A lean executor that keeps every per-task promise ``ContextExecutor`` makes.
+
+    Written for this benchmark, as directly as it can be: the routing rule
+    (first NDArray's device, the least loaded of its workers, else round
+    robin), the caller's flags in force in the task and the worker's put
+    back, the worker's context kept the default, a future that can be
+    cancelled and counts it (the package's ``TaskFuture`` and ``MapFuture``),
+    the statistics (counts, times, recent samples), the fork guard's
+    bookkeeping, and the checks that refuse work after shutdown, under a
+    lock. Left out, because they cost one attribute test a task once set
+    up: the serial-init gate (open after the first step) and the timeline
+    (off). What ``ContextExecutor`` costs above this is its structure, not
+    its promises.
+    """
+
+    def __init__(self, contexts: Sequence["mx.Context"]) -> None:
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._workers = [_ContractWorker(context) for context in contexts]
+        self._router = _routing.Router(self._workers)
+        self._threads = [threading.Thread(target=worker.serve, daemon=True) for worker in self._workers]
+        for thread in self._threads:
+            thread.start()
+
+    def _check_open(self) -> None:
+        if self._shutdown or _lifecycle.exiting:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        future = TaskFuture()
+        item = (future, fn, args, kwargs, _state.capture_flags(), time.perf_counter_ns())
+        candidates = self._router.candidates_for(args, kwargs)
+        with self._lock:
+            self._check_open()
+            worker = self._router.pick(candidates)
+            worker.counters.submitted += 1
+            future.counters = worker.counters
+            worker.queue.put(item)
+        return future
+
+    def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        flags, submit_ns = _state.capture_flags(), time.perf_counter_ns()
+        routed: List[Tuple[Any, MapFuture, Tuple[Any, ...]]] = []
+        for shard in shards:
+            args = (shard,)
+            future = MapFuture()
+            routed.append((self._router.candidates_for(args, {}), future, (future, fn, args, {}, flags, submit_ns)))
+        with self._lock:
+            self._check_open()
+            placed = []
+            for candidates, future, item in routed:
+                worker = self._router.pick(candidates)
+                worker.counters.submitted += 1
+                future.counters = worker.counters
+                placed.append((worker.queue, item))
+            for work, item in placed:  # back to back: each put wakes a thread (RESULTS.md)
+                work.put(item)
+        return [future.result() for _, future, _ in routed]
+
+    def close(self) -> None:
+        with self._lock:
+            self._shutdown = True
+        for worker in self._workers:
+            worker.queue.put(None)
         for thread in self._threads:
             thread.join()
 

@@ -90,6 +90,12 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
                          f"N={r.n} (report only)", f"{ratio:.2f}x", None))
             ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
             rows.append((f"ContextExecutor {kind} / the correct floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
+        for kind, floor in (("map", dispatch.FLOOR_CONTRACT), ("submit+result", dispatch.FLOOR_CONTRACT_SUBMIT)):
+            ratio = r.ratio[f"{floor} / ThreadPoolExecutor {kind}"].median
+            rows.append((f"the contract floor (a lean executor keeping every per-task promise) / ThreadPoolExecutor "
+                         f"{kind}, N={r.n} (report only)", f"{ratio:.2f}x", None))
+            ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
+            rows.append((f"ContextExecutor {kind} / the contract floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
         for kind in ("submit+result", "map"):
             ratio = r.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
             rows.append((f"timeline recording on, {kind}, N={r.n} (report only)", f"{ratio:.2f}x the cost with it off",

@@ -26,7 +26,9 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
         assert heading in stdout
     rows = table_rows(stdout)
     names = {row[0] for row in rows}
-    assert {"ContextExecutor map", "gluonnlp Parallel put/get"} <= names
+    contract_floor = "floor: a lean executor keeping every per-task promise"
+    assert {"ContextExecutor map", "gluonnlp Parallel put/get", f"{contract_floor}, map",
+            f"{contract_floor}, submit+result"} <= names
     assert "OMP_NUM_THREADS" in stdout and "os.cpu_count()" in stdout
 
     # Every training variant of every model and N ended with the sequential loop's parameters.
