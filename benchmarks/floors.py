@@ -37,6 +37,7 @@ import mxnet as mx
 
 import parallel_exec as pe
 from parallel_exec import _forkguard, _held, _lifecycle, _routing, _state
+from parallel_exec._executor import _results_in_order
 from parallel_exec._future import MapFuture, TaskFuture
 from parallel_exec._stats import WorkerCounters
 
@@ -222,8 +223,9 @@ class ContractFloor:
     back, the worker's context kept the default, a future that can be
     cancelled and counts it (the package's ``TaskFuture`` and ``MapFuture``),
     the statistics (counts, times, recent samples), the fork guard's
-    bookkeeping, and the checks that refuse work after shutdown, under a
-    lock. Left out, because they cost one attribute test a task once set
+    bookkeeping, the checks that refuse work after shutdown, under a lock,
+    and ``map``'s results iterator (the package's: it cancels what is left
+    when a result raises or the iterator is closed). Left out, because they cost one attribute test a task once set
     up: the serial-init gate (open after the first step) and the timeline
     (off). What ``ContextExecutor`` costs above this is its structure, not
     its promises.
@@ -275,7 +277,8 @@ class ContractFloor:
                 placed.append((worker.queue, item))
             for work, item in placed:  # back to back: each put wakes a thread (RESULTS.md)
                 work.put(item)
-        return [future.result() for _, future, _ in routed]
+        # Executor.map's iterator: results in order, the rest cancelled if one raises.
+        return list(_results_in_order([future for _, future, _ in routed], None))
 
     def close(self) -> None:
         with self._lock:
