@@ -61,6 +61,16 @@ def in_brief(dispatch_results, training_results, grown) -> str:
     return "\n".join(lines)
 
 
+# The dispatch floors reported against ThreadPoolExecutor and ContextExecutor:
+# (title, what it is, its map and submit+result variants).
+_DISPATCH_FLOORS = (
+    ("the correct floor", "a thread per context + flags + routing",
+     (dispatch.FLOOR_CORRECT, dispatch.FLOOR_CORRECT_SUBMIT)),
+    ("the contract floor", "a lean executor keeping every per-task promise",
+     (dispatch.FLOOR_CONTRACT, dispatch.FLOOR_CONTRACT_SUBMIT)),
+)
+
+
 def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
     """(target, figure, met?) rows, one per target and per measured case; met is None for report-only rows."""
     rows = []
@@ -84,18 +94,13 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
                          f"{shared.median:.2f}x", None))
         ratio = r.ratio[f"ContextExecutor map / {dispatch.FLOOR_PINNED}"].median
         rows.append((f"ContextExecutor map / that floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
-        for kind, floor in (("map", dispatch.FLOOR_CORRECT), ("submit+result", dispatch.FLOOR_CORRECT_SUBMIT)):
-            ratio = r.ratio[f"{floor} / ThreadPoolExecutor {kind}"].median
-            rows.append((f"the correct floor (a thread per context + flags + routing) / ThreadPoolExecutor {kind}, "
-                         f"N={r.n} (report only)", f"{ratio:.2f}x", None))
-            ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
-            rows.append((f"ContextExecutor {kind} / the correct floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
-        for kind, floor in (("map", dispatch.FLOOR_CONTRACT), ("submit+result", dispatch.FLOOR_CONTRACT_SUBMIT)):
-            ratio = r.ratio[f"{floor} / ThreadPoolExecutor {kind}"].median
-            rows.append((f"the contract floor (a lean executor keeping every per-task promise) / ThreadPoolExecutor "
-                         f"{kind}, N={r.n} (report only)", f"{ratio:.2f}x", None))
-            ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
-            rows.append((f"ContextExecutor {kind} / the contract floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
+        for title, what, floors in _DISPATCH_FLOORS:
+            for kind, floor in zip(("map", "submit+result"), floors):
+                ratio = r.ratio[f"{floor} / ThreadPoolExecutor {kind}"].median
+                rows.append((f"{title} ({what}) / ThreadPoolExecutor {kind}, N={r.n} (report only)",
+                             f"{ratio:.2f}x", None))
+                ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
+                rows.append((f"ContextExecutor {kind} / {title}, N={r.n} (report only)", f"{ratio:.2f}x", None))
         for kind in ("submit+result", "map"):
             ratio = r.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
             rows.append((f"timeline recording on, {kind}, N={r.n} (report only)", f"{ratio:.2f}x the cost with it off",
