@@ -121,6 +121,7 @@ class Parallel:
             # Runs once: at close(), at the exit hook, or when this Parallel is collected.
             self._stop_loops = weakref.finalize(self, _stop, self._calls, num_workers, self._executor)
             self._stop_loops.atexit = False  # _stop_all_at_exit does it, before the executors stop
+        _install_hooks()
         _live.add(self)
 
     def put(self, x: Any) -> None:
@@ -317,13 +318,24 @@ def _stop_all_at_exit() -> None:
         parallel._refuse_puts("interpreter exit began")
 
 
-_lifecycle.call_before_exit(_stop_all_at_exit)
-
-
 def _disable_in_forked_child() -> None:
     for parallel in list(_live):
         parallel._after_fork_in_child()
 
 
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_disable_in_forked_child)
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_hooks() -> None:
+    """Register the exit and fork hooks when the first ``Parallel`` is made,
+    as the executors do theirs (``_lifecycle.install``): importing the
+    package registers nothing."""
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+    _lifecycle.call_before_exit(_stop_all_at_exit)
+    if hasattr(os, "register_at_fork"):  # POSIX only
+        os.register_at_fork(after_in_child=_disable_in_forked_child)

@@ -158,6 +158,39 @@ def test_the_exit_and_fork_hooks_are_registered_by_the_first_executor_not_by_imp
     assert result.stdout.splitlines() == ["after import: 0", "after the first executor: 1", "after the second: 1"]
 
 
+def test_no_fork_hook_is_registered_by_import_only_by_the_first_parallel_or_executor():
+    result = run_script(
+        """
+        import os
+        import mxnet as mx
+
+        registered = []
+        real_register = os.register_at_fork
+
+        def counting(**hooks):
+            registered.append(hooks)
+            real_register(**hooks)
+
+        os.register_at_fork = counting
+        import parallel_exec as pe
+        pe.ContextExecutor, pe.Parallel  # their modules load
+        say(f"after import: {len(registered)}")
+
+        class Echo(pe.Parallelizable):
+            def forward_backward(self, x):
+                return x
+
+        with pe.Parallel(0, Echo()):
+            pass
+        say(f"after the first Parallel: {len(registered)}")
+        with pe.Parallel(0, Echo()):
+            pass
+        say(f"after the second: {len(registered)}")
+        """
+    )
+    assert result.stdout.splitlines() == ["after import: 0", "after the first Parallel: 1", "after the second: 1"]
+
+
 def test_module_global_executor_and_parallel_exit_0():
     result = run_script(
         """
