@@ -17,11 +17,13 @@ call back into Python, so holding the GIL across them cannot deadlock
 (benchmarks/RESULTS.md has the measurements).
 
 The worker sets every C flag after each task. Before a task it sets them
-too, unless it knows what they are: after a task whose future ran no
-done-callback on the worker's thread, nothing else ran there since they were
-put back (a done-callback or an initializer may leave flags behind). A
-caller that is not recording, the usual case, then costs three MXNet calls
-a task instead of six (benchmarks/RESULTS.md).
+too, unless it knows what they are: after a task that returned and whose
+future ran no done-callback on the worker's thread, nothing else ran there
+since they were put back (a done-callback or an initializer may leave flags
+behind, a failed task may not have had them put back). A caller that is not
+recording, the usual case, then costs three MXNet calls a task instead of
+six (benchmarks/RESULTS.md). The same knowledge spares the check of the
+default context before the task (``keep_default_context``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ _default_context = mx.Context._default_ctx  # MXNet's default context, a threadi
 def keep_default_context(pinned: "mx.Context") -> None:
     """Make ``pinned`` this thread's default context again, if a task left another.
 
-    Called before and after each task, instead of ``with pinned:`` (0.7 us a
-    task): it undoes whatever ``with ctx:`` a task left entered. ``pinned``
+    Called after each task, and before it unless nothing else ran on the
+    thread since the last one, instead of ``with pinned:`` (0.7 us a task):
+    it undoes whatever ``with ctx:`` a task or a done-callback left entered. ``pinned``
     must be the worker's own copy, since a task's ``with
     mx.current_context():`` stores ``_old_ctx`` on it.
     """

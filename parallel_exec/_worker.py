@@ -79,9 +79,9 @@ class WorkItem:
         pinned = slot.pinned_context
         known = slot.known_flags
         slot.known_flags = None  # until the task is over and its flags put back
-        if known is None:  # something else ran here since the last task: it may have entered a context
-            keep_default_context(pinned)
         try:
+            if known is None:  # something else ran here since the last task: it may have entered a context
+                keep_default_context(pinned)
             scope = apply_flags(self.flags, known)
             try:
                 result = self.fn(*self.args, **self.kwargs)
