@@ -66,11 +66,11 @@ SIZES = {
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="size", const="quick",
-                      help="a run under 3 minutes on 2 cores")
-    size.add_argument("--smoke", action="store_const", dest="size", const="smoke",
-                      help="smallest size, for the test suite")
+    size_flags = parser.add_mutually_exclusive_group()
+    size_flags.add_argument("--quick", action="store_const", dest="size", const="quick",
+                            help="a run under 3 minutes on 2 cores")
+    size_flags.add_argument("--smoke", action="store_const", dest="size", const="smoke",
+                            help="smallest size, for the test suite")
     parser.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR",
         help="where RESULTS.md and the PNGs go (default: runs/benchmarks/, git-ignored; "
