@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List
 
 import mxnet as mx
 import psutil
@@ -37,7 +38,7 @@ VARIANTS = {
 }
 
 
-def reduction(x):
+def reduction(x: mx.nd.NDArray) -> float:
     return (x * 2).sum().asscalar()
 
 
@@ -47,7 +48,7 @@ def memory_child(variant: str, executors: int) -> None:
     make = VARIANTS[variant]
     process = psutil.Process()
 
-    def one_executor():
+    def one_executor() -> None:
         with make() as ex:
             list(ex.map(reduction, shards))
 
@@ -62,7 +63,8 @@ def memory_child(variant: str, executors: int) -> None:
     print(json.dumps(figures))
 
 
-def memory(executors: int) -> dict:
+def memory(executors: int) -> Dict[str, Dict[str, Any]]:
+    """Variant -> the figures its child printed (``memory_child``)."""
     results = {}
     for variant in VARIANTS:
         proc = subprocess.run([sys.executable, __file__, "--child", variant, "--executors", str(executors)],
@@ -71,9 +73,9 @@ def memory(executors: int) -> dict:
     return results
 
 
-def open_use_close_us(rounds: int, per_round: int) -> dict:
+def open_use_close_us(rounds: int, per_round: int) -> Dict[str, Any]:
     """Median over rounds of the microseconds to create, use once and shut down one executor."""
-    samples = {variant: [] for variant in VARIANTS}
+    samples: Dict[str, List[float]] = {variant: [] for variant in VARIANTS}
     for round_ in range(rounds):
         order = list(VARIANTS.items())
         if round_ % 2:

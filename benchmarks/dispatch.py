@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, Iterable, Protocol, Sequence, TypeVar
 
 import mxnet as mx
 
@@ -37,14 +37,31 @@ FLOOR_CONTRACT = "floor: a lean executor keeping every per-task promise, map"
 FLOOR_CONTRACT_SUBMIT = "floor: a lean executor keeping every per-task promise, submit+result"
 VARIANTS = 15  # measurements per round, for the progress bar
 
+_T = TypeVar("_T")
 
-def noop(x):
+
+def noop(x: _T) -> _T:
     return x
 
 
 class _Noop(pe.Parallelizable):
-    def forward_backward(self, x):
+    def forward_backward(self, x: _T) -> _T:
         return x
+
+
+# What each kind of measurement needs of the executor or floor it drives.
+class _Submits(Protocol):
+    def submit(self, fn: Callable[[Any], Any], shard: Any, /) -> "Future[Any]": ...
+
+
+class _Maps(Protocol):
+    def map(self, fn: Callable[[Any], Any], shards: Sequence[Any], /) -> Iterable[Any]: ...
+
+
+class _PutsAndGets(Protocol):
+    def put(self, x: Any) -> None: ...
+
+    def get(self) -> Any: ...
 
 
 @dataclass
@@ -57,7 +74,7 @@ class DispatchResult:
     ratio: Dict[str, Summary]  # "a / b" -> summary of per-round ratios
 
 
-def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> DispatchResult:
+def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> DispatchResult:
     """Measure every dispatch variant with ``n`` workers, interleaved in rounds."""
     contexts = [mx.cpu(i) for i in range(n)]
     shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
@@ -70,7 +87,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
     floor_contract = ContractFloor(contexts)
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
 
-    def submit_result(ex) -> Callable[[], float]:
+    def submit_result(ex: _Submits) -> Callable[[], float]:
         def run() -> float:
             start = time.perf_counter()
             for i in range(tasks):
@@ -79,7 +96,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
 
         return run
 
-    def map_shards(ex) -> Callable[[], float]:
+    def map_shards(ex: _Maps) -> Callable[[], float]:
         def run() -> float:
             start = time.perf_counter()
             for _ in per_shard_loops:
@@ -96,7 +113,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], None]) -> Di
 
         return run_recorded
 
-    def put_get(parallel) -> Callable[[], float]:
+    def put_get(parallel: _PutsAndGets) -> Callable[[], float]:
         def run() -> float:
             start = time.perf_counter()
             for _ in per_shard_loops:
@@ -193,7 +210,7 @@ def pieces_table(pieces: Dict[str, float]) -> str:
     return markdown_table(["piece of a ContextExecutor task, timed in one thread", "us per call"], rows, "lr")
 
 
-def table(results: List[DispatchResult]) -> str:
+def table(results: Sequence[DispatchResult]) -> str:
     """Markdown table: one row per variant, one column per N."""
     align = "l" + "r" * len(results)
     per_task = markdown_table(

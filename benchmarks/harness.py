@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 from tabulate import tabulate
 
@@ -52,7 +52,7 @@ class Summary:
 
 
 def run_rounds(
-    variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], None] = lambda: None
+    variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], object] = lambda: None
 ) -> Dict[str, List[float]]:
     """Run each variant once per round, in the given order, ``rounds`` times.
 
@@ -84,8 +84,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ali
     return tabulate(rows, headers=headers, tablefmt="pipe", colalign=colalign, disable_numparse=True)
 
 
-def close_gluonnlp_parallel(parallel) -> None:
-    """Stop a ``gluonnlp.utils.Parallel``: its non-daemon workers stop only in ``__del__``."""
+def close_gluonnlp_parallel(parallel: Any) -> None:
+    """Stop a ``gluonnlp.utils.Parallel``: its non-daemon workers stop only in ``__del__``.
+
+    ``Any``: gluonnlp 0.10.0 ships no type information.
+    """
     parallel.__del__()
 
 

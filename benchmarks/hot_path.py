@@ -23,8 +23,8 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,19 +67,22 @@ def _use(name: str) -> None:
     _worker.restore_flags = restore
 
 
-def noop(x):
+_T = TypeVar("_T")
+
+
+def noop(x: _T) -> _T:
     return x
 
 
 def measure(
-    n: int, tasks: int, rounds: int, progress: Callable[[], None] = lambda: None
+    n: int, tasks: int, rounds: int, progress: Callable[[], object] = lambda: None
 ) -> Dict[str, Dict[str, Summary]]:
     contexts = [mx.cpu(i) for i in range(n)]
     shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
     executor = pe.ContextExecutor(contexts)
     pool = ThreadPoolExecutor(n)
 
-    def submit_result(ex, implementation=None) -> Callable[[], float]:
+    def submit_result(ex: Executor, implementation: Optional[str] = None) -> Callable[[], float]:
         def run() -> float:
             if implementation:
                 _use(implementation)
@@ -90,7 +93,7 @@ def measure(
 
         return run
 
-    def map_shards(ex, implementation=None) -> Callable[[], float]:
+    def map_shards(ex: Executor, implementation: Optional[str] = None) -> Callable[[], float]:
         def run() -> float:
             if implementation:
                 _use(implementation)

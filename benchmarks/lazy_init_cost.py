@@ -13,6 +13,7 @@ the paired ratios (wrapped / original time).
 import statistics
 import time
 import timeit
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import mxnet as mx
 from mxnet import autograd, gluon
@@ -26,18 +27,20 @@ PATCHED = {
     gluon.Parameter: ["_finish_deferred_init", "data", "list_data", "grad", "list_grad"],
     gluon.HybridBlock: ["_deferred_infer_shape", "_get_graph", "_call_cached_op"],
 }
+# (class, method name) -> the function in the class's __dict__.
+Methods = Dict[Tuple[type, str], Callable[..., Any]]
 
 
-def methods():
+def methods() -> Methods:
     return {(cls, name): cls.__dict__[name] for cls, names in PATCHED.items() for name in names}
 
 
-def use(table):
+def use(table: Methods) -> None:
     for (cls, name), method in table.items():
         setattr(cls, name, method)
 
 
-def paired(run, original, wrapped):
+def paired(run: Callable[[], float], original: Methods, wrapped: Methods) -> float:
     """Median over alternating rounds of run()'s time wrapped / original."""
     ratios = []
     for round_ in range(ROUNDS):
@@ -51,7 +54,7 @@ def paired(run, original, wrapped):
     return statistics.median(ratios)
 
 
-def main():
+def main() -> None:
     original = methods()
     _lazy_init.install()
     wrapped = methods()
@@ -66,8 +69,8 @@ def main():
         measure_training(hybridize, ctxs, original, wrapped)
 
 
-def timed(body):
-    def run():
+def timed(body: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
         start = time.perf_counter()
         for _ in range(STEPS):
             body()
@@ -77,7 +80,7 @@ def timed(body):
     return run
 
 
-def measure_training(hybridize, ctxs, original, wrapped):
+def measure_training(hybridize: bool, ctxs: Sequence[mx.Context], original: Methods, wrapped: Methods) -> None:
     net = gluon.nn.HybridSequential()
     for _ in range(12):
         net.add(gluon.nn.Dense(128, activation="relu", in_units=128))
@@ -87,7 +90,7 @@ def measure_training(hybridize, ctxs, original, wrapped):
         net.hybridize()
     shards = [mx.nd.ones((32, 128), ctx=c) for c in ctxs]
 
-    def step(x):
+    def step(x: mx.nd.NDArray) -> mx.nd.NDArray:
         with autograd.record():
             loss = net(x).sum()
         loss.backward()

@@ -15,6 +15,7 @@ no-op before the first executor starts).
 
 import argparse
 import collections
+from typing import Sequence, Union
 
 import mxnet as mx
 from mxnet import autograd, gluon
@@ -23,7 +24,7 @@ import parallel_exec as pe
 from parallel_exec import _lazy_init
 
 
-def fresh_net(kind, ctxs, hybridize):
+def fresh_net(kind: str, ctxs: Sequence[mx.Context], hybridize: Union[bool, str]) -> gluon.HybridSequential:
     net = gluon.nn.HybridSequential()
     if kind == "dense":  # the network
         for _ in range(4):
@@ -42,15 +43,15 @@ def fresh_net(kind, ctxs, hybridize):
     return net
 
 
-def batch(kind, n):
+def batch(kind: str, n: int) -> mx.nd.NDArray:
     shape = {"dense": (4 * n, 8), "conv": (2 * n, 1, 8, 8), "lstm": (2 * n, 5, 3)}[kind]
     return mx.nd.random.normal(shape=shape)
 
 
-def trial(ex, kind, ctxs, hybridize):
+def trial(ex: pe.ContextExecutor, kind: str, ctxs: Sequence[mx.Context], hybridize: Union[bool, str]) -> None:
     net = fresh_net(kind, ctxs, hybridize)
 
-    def step(x):
+    def step(x: mx.nd.NDArray) -> float:
         with autograd.record():
             loss = net(x).sum()
         loss.backward()
@@ -65,7 +66,7 @@ def trial(ex, kind, ctxs, hybridize):
             raise AssertionError(f"replicas of {param.name} differ")
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lock", choices=["on", "off"])
     parser.add_argument("--trials", type=int, default=20, help="per setting (default 20)")
@@ -74,7 +75,7 @@ def main():
     args = parser.parse_args()
     if args.lock == "off":
         _lazy_init.install = lambda: None
-    errors = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
     failed = total = 0
     for hybridize in [False, True] + (["static"] if args.static else []):
         for n in (2, 4):

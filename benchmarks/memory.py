@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from harness import markdown_table
 
@@ -36,7 +36,7 @@ class PeakRss:
 @dataclass
 class Growth:
     tasks: int
-    samples: List[tuple]  # (tasks done, RSS MiB)
+    samples: List[Tuple[int, float]]  # (tasks done, RSS MiB)
 
     @property
     def growth_mib(self) -> float:
@@ -57,9 +57,10 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def peak_rss(model: str, n: int, steps: int, variants, progress: Callable[[], None]) -> PeakRss:
+def peak_rss(model: str, n: int, steps: int, variants: Sequence[str], progress: Callable[[], object]) -> PeakRss:
     """Run each variant in its own child process; collect peak RSS."""
-    mib, added = {}, {}
+    mib: Dict[str, float] = {}
+    added: Dict[str, float] = {}
     for variant in variants:
         out = subprocess.run(
             [sys.executable, os.path.join(HERE, "memory.py"), variant, model, str(n), str(steps)],
@@ -89,7 +90,7 @@ def growth(tasks: int, n: int, samples: int = 20) -> Growth:
     contexts = [mx.cpu(i) for i in range(n)]
     shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
     per_sample = max(n, tasks // samples) // n
-    points = []
+    points: List[Tuple[int, float]] = []
     with pe.ContextExecutor(contexts) as executor:
         for _ in range(per_sample):
             list(executor.map(noop, shards))
@@ -145,7 +146,10 @@ def _thread_rss_child() -> None:
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status", encoding="utf-8") as file:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", file.read(), re.M).group(1))
+        match = re.search(rf"^{field}:\s+(\d+) kB", file.read(), re.M)
+    if match is None:
+        raise RuntimeError(f"no {field} line in /proc/self/status")
+    return int(match.group(1))
 
 
 def _reset_peak() -> bool:
@@ -192,7 +196,7 @@ def _child(variant: str, model: str, n: int, steps: int) -> None:
     print(json.dumps({"peak_rss_mib": peak, "baseline_mib": baseline, "reset": reset}))
 
 
-def table(peaks: List[PeakRss], grown: Growth, threads: ThreadRss) -> str:
+def table(peaks: Sequence[PeakRss], grown: Growth, threads: ThreadRss) -> str:
     lines = [
         f"One more thread, in a fresh process after `import mxnet`: {threads.idle_mib:.1f} MiB of RSS while idle, "
         f"{threads.one_operator_mib:.1f} MiB once it has run one MXNet operator (MXNet's per-thread state). "

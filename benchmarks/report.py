@@ -10,31 +10,35 @@ from __future__ import annotations
 import os
 import statistics
 import string
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import hot_path  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 import dispatch  # noqa: E402
 import memory  # noqa: E402
 import training  # noqa: E402
-from harness import markdown_table  # noqa: E402
+from harness import Summary, markdown_table  # noqa: E402
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.template.md")
 
 
-def in_brief(dispatch_results, training_results, grown) -> str:
+def in_brief(
+    dispatch_results: Sequence[dispatch.DispatchResult], training_results: Sequence[training.TrainingResult],
+    grown: memory.Growth,
+) -> str:
     """A few sentences with this run's own figures."""
     lines = ["## This run in brief", ""]
-    for r in dispatch_results:
-        us = {k: v.median for k, v in r.us_per_task.items()}
+    for d in dispatch_results:
+        us = {k: v.median for k, v in d.us_per_task.items()}
         theirs = us.get("gluonnlp Parallel put/get")
         lines.append(
-            f"- N={r.n}: a trivial task cost {us['ContextExecutor submit+result']:.0f} us with `submit`+`result` "
+            f"- N={d.n}: a trivial task cost {us['ContextExecutor submit+result']:.0f} us with `submit`+`result` "
             f"(ThreadPoolExecutor {us['ThreadPoolExecutor submit+result']:.0f} us) and "
             f"{us['ContextExecutor map']:.0f} us per shard with `map` "
             f"(ThreadPoolExecutor {us['ThreadPoolExecutor map']:.0f} us"
@@ -71,39 +75,42 @@ _DISPATCH_FLOORS = (
 )
 
 
-def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
+def targets(
+    dispatch_results: Sequence[dispatch.DispatchResult], training_results: Sequence[training.TrainingResult],
+    peaks: Sequence[memory.PeakRss], grown: memory.Growth,
+) -> List[Tuple[str, str, Optional[bool]]]:
     """(target, figure, met?) rows, one per target and per measured case; met is None for report-only rows."""
-    rows = []
-    for r in dispatch_results:
+    rows: List[Tuple[str, str, Optional[bool]]] = []
+    for d in dispatch_results:
         for kind in ("submit+result", "map"):
-            ratio = r.ratio[f"ContextExecutor {kind} / ThreadPoolExecutor {kind}"].median
-            rows.append((f"dispatch {kind}, N={r.n}: <= 1.0x ThreadPoolExecutor", f"{ratio:.2f}x", ratio <= 1.0))
-        ratio = r.ratio["ContextExecutor map / ThreadPoolExecutor map"].median
-        rows.append((f"dispatch map, N={r.n}: <= 0.8x ThreadPoolExecutor (stretch)", f"{ratio:.2f}x", ratio <= 0.8))
-        theirs = r.us_per_task.get("gluonnlp Parallel put/get")
+            ratio = d.ratio[f"ContextExecutor {kind} / ThreadPoolExecutor {kind}"].median
+            rows.append((f"dispatch {kind}, N={d.n}: <= 1.0x ThreadPoolExecutor", f"{ratio:.2f}x", ratio <= 1.0))
+        ratio = d.ratio["ContextExecutor map / ThreadPoolExecutor map"].median
+        rows.append((f"dispatch map, N={d.n}: <= 0.8x ThreadPoolExecutor (stretch)", f"{ratio:.2f}x", ratio <= 0.8))
+        theirs = d.us_per_task.get("gluonnlp Parallel put/get")
         if theirs is not None:
-            ours = r.us_per_task["pe.Parallel put/get"].median
-            rows.append((f"pe.Parallel put/get, N={r.n}: <= 1.0x gluonnlp Parallel",
+            ours = d.us_per_task["pe.Parallel put/get"].median
+            rows.append((f"pe.Parallel put/get, N={d.n}: <= 1.0x gluonnlp Parallel",
                          f"{ours / theirs.median:.2f}x ({ours:.1f} vs {theirs.median:.1f} us)", ours <= theirs.median))
-        ratio = r.ratio[f"{dispatch.FLOOR_PINNED} / ThreadPoolExecutor map"].median
-        rows.append((f"a bare thread per context (map's floor) / ThreadPoolExecutor map, N={r.n} (report only)",
+        ratio = d.ratio[f"{dispatch.FLOOR_PINNED} / ThreadPoolExecutor map"].median
+        rows.append((f"a bare thread per context (map's floor) / ThreadPoolExecutor map, N={d.n} (report only)",
                      f"{ratio:.2f}x", None))
-        shared = r.ratio.get(f"{dispatch.FLOOR_SHARED} / gluonnlp Parallel put/get")
+        shared = d.ratio.get(f"{dispatch.FLOOR_SHARED} / gluonnlp Parallel put/get")
         if shared is not None:
-            rows.append((f"one shared queue (pe.Parallel's floor) / gluonnlp Parallel, N={r.n} (report only)",
+            rows.append((f"one shared queue (pe.Parallel's floor) / gluonnlp Parallel, N={d.n} (report only)",
                          f"{shared.median:.2f}x", None))
-        ratio = r.ratio[f"ContextExecutor map / {dispatch.FLOOR_PINNED}"].median
-        rows.append((f"ContextExecutor map / that floor, N={r.n} (report only)", f"{ratio:.2f}x", None))
+        ratio = d.ratio[f"ContextExecutor map / {dispatch.FLOOR_PINNED}"].median
+        rows.append((f"ContextExecutor map / that floor, N={d.n} (report only)", f"{ratio:.2f}x", None))
         for title, what, floors in _DISPATCH_FLOORS:
-            for kind, floor in zip(("map", "submit+result"), floors):
-                ratio = r.ratio[f"{floor} / ThreadPoolExecutor {kind}"].median
-                rows.append((f"{title} ({what}) / ThreadPoolExecutor {kind}, N={r.n} (report only)",
+            for kind, floor_variant in zip(("map", "submit+result"), floors):
+                ratio = d.ratio[f"{floor_variant} / ThreadPoolExecutor {kind}"].median
+                rows.append((f"{title} ({what}) / ThreadPoolExecutor {kind}, N={d.n} (report only)",
                              f"{ratio:.2f}x", None))
-                ratio = r.ratio[f"ContextExecutor {kind} / {floor}"].median
-                rows.append((f"ContextExecutor {kind} / {title}, N={r.n} (report only)", f"{ratio:.2f}x", None))
+                ratio = d.ratio[f"ContextExecutor {kind} / {floor_variant}"].median
+                rows.append((f"ContextExecutor {kind} / {title}, N={d.n} (report only)", f"{ratio:.2f}x", None))
         for kind in ("submit+result", "map"):
-            ratio = r.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
-            rows.append((f"timeline recording on, {kind}, N={r.n} (report only)", f"{ratio:.2f}x the cost with it off",
+            ratio = d.ratio[f"ContextExecutor {kind}, timeline on / ContextExecutor {kind}"].median
+            rows.append((f"timeline recording on, {kind}, N={d.n} (report only)", f"{ratio:.2f}x the cost with it off",
                          None))
     ours_variants = (training.MAP, training.PARALLEL, training.FUTURES)
     for r in training_results:
@@ -156,7 +163,9 @@ def targets(dispatch_results, training_results, peaks, grown) -> List[tuple]:
     return rows
 
 
-def sync_in_step_ceiling(training_results, sync) -> Optional[float]:
+def sync_in_step_ceiling(
+    training_results: Sequence[training.TrainingResult], sync: training.TrainingResult
+) -> Optional[float]:
     """How fast sync-in-step could go at ``sync.n``: the best compute-heavy throughput there, over its loop's.
 
     The same network and batch without the host reads: what the machine
@@ -169,7 +178,10 @@ def sync_in_step_ceiling(training_results, sync) -> Optional[float]:
     return best / sync.throughput[training.SEQUENTIAL].median
 
 
-def targets_table(dispatch_results, training_results, peaks, grown) -> str:
+def targets_table(
+    dispatch_results: Sequence[dispatch.DispatchResult], training_results: Sequence[training.TrainingResult],
+    peaks: Sequence[memory.PeakRss], grown: memory.Growth,
+) -> str:
     """Every target with this run's figure and verdict."""
     verdict = {True: "met", False: "**missed**", None: "-"}
     rows = [(target, figure, verdict[ok]) for target, figure, ok in targets(dispatch_results, training_results, peaks,
@@ -177,7 +189,7 @@ def targets_table(dispatch_results, training_results, peaks, grown) -> str:
     return markdown_table(["target", "this run", "verdict"], rows, "lrl")
 
 
-def overlap_profile_table(training_results) -> str:
+def overlap_profile_table(training_results: Sequence[training.TrainingResult]) -> str:
     """Where the recorded steps' time went: medians over the profile rounds."""
     rows = []
     for r in training_results:
@@ -189,7 +201,7 @@ def overlap_profile_table(training_results) -> str:
     return markdown_table(headers, rows, "lrlrrrrr")
 
 
-def _span_profile(recording: dict) -> tuple:
+def _span_profile(recording: Dict[str, Any]) -> Tuple[float, float, float, float, float]:
     """(ms per step, forward_backward ms per step, mean span ms, concurrency, trainer.step ms per step)."""
     events = recording["events"]
     spans = [e["dur"] / 1e3 for e in events if e["name"] == "forward_backward"]
@@ -199,7 +211,7 @@ def _span_profile(recording: dict) -> tuple:
     return total / steps, sum(spans) / steps, sum(spans) / len(spans), recording["concurrency"], step_ms / steps
 
 
-def plot_scaling(training_results, out: str) -> List[str]:
+def plot_scaling(training_results: Sequence[training.TrainingResult], out: str) -> List[str]:
     """One PNG per model: throughput relative to 1-context sequential, against N."""
     files = []
     for model in dict.fromkeys(r.model for r in training_results):
@@ -225,10 +237,12 @@ COLORS = {"forward_backward": "tab:blue", "trainer.step": "tab:orange", "wait fo
           "wait in map": "lightgrey", "serial-init gate": "tab:red"}
 
 
-def plot_overlap(training_results, out: str) -> List[str]:
+def plot_overlap(training_results: Sequence[training.TrainingResult], out: str) -> List[str]:
     """One PNG per model: the sequential loop's spans above ContextExecutor.map's."""
     files = []
-    for r in (r for r in training_results if r.overlap):
+    for r in training_results:
+        if not r.overlap:
+            continue
         fig, axes = plt.subplots(2, 1, figsize=(10, 4.8), sharex=True)
         for ax, (variant, recordings) in zip(axes, r.overlap.items()):
             recording = recordings[0]  # the pictures show the first recording
@@ -252,7 +266,7 @@ def plot_overlap(training_results, out: str) -> List[str]:
     return files
 
 
-def _save(fig, out: str, name: str) -> str:
+def _save(fig: Figure, out: str, name: str) -> str:
     fig.savefig(os.path.join(out, name), dpi=110)
     plt.close(fig)
     return name
@@ -263,7 +277,9 @@ def _images(names: List[str]) -> str:
 
 
 def write(out: str, *, command: str, size: str, note: str, env: Dict[str, str], timings: Dict[str, float],
-          dispatch_results, pieces, flag_ab, training_results, peaks, grown, threads) -> List[str]:
+          dispatch_results: Sequence[dispatch.DispatchResult], pieces: Dict[str, float],
+          flag_ab: Dict[int, Dict[str, Dict[str, Summary]]], training_results: Sequence[training.TrainingResult],
+          peaks: Sequence[memory.PeakRss], grown: memory.Growth, threads: memory.ThreadRss) -> List[str]:
     """Write RESULTS.md and the PNGs into ``out``; return the file names."""
     scaling = plot_scaling(training_results, out)
     overlap = plot_overlap(training_results, out)

@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A run writes here unless told otherwise, so it never rewrites tracked files.
@@ -64,7 +64,7 @@ SIZES = {
 }
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size_flags = parser.add_mutually_exclusive_group()
     size_flags.add_argument("--quick", action="store_const", dest="size", const="quick",
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     # One tick per measurement, on stderr; the tables go to stdout.
     progress = tqdm(total=total, unit="measurement", file=sys.stderr, leave=False, disable=args.no_progress)
     started = time.perf_counter()
-    timings = {}
+    timings: Dict[str, float] = {}
 
     t0 = time.perf_counter()
     dispatch_results = [
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     _emit(progress, "## 2. Training-step throughput\n\n" + training.table(training_results))
 
     t0 = time.perf_counter()
-    peaks = []
+    peaks: List[memory.PeakRss] = []
     if size.rss_steps:
         peaks = [
             memory.peak_rss(model, size.rss_n, size.rss_steps, training.RSS_VARIANTS, progress.update)

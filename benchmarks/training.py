@@ -29,7 +29,7 @@ import tempfile
 import time
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -150,7 +150,8 @@ class Variant:
         self.name = name
         self.replica = replica
         self.executor: Optional[pe.ContextExecutor] = None
-        self.parallel = None
+        # A gluonnlp.utils.Parallel (no type information) or a pe.Parallel.
+        self.parallel: Optional[Any] = None
         self.floor: Optional[ThreadPerContext] = None
         self.steps = 0
         n = len(replica.contexts)
@@ -170,18 +171,23 @@ class Variant:
             for shard in shards:
                 replica.forward_backward(shard)
         elif self.name == FLOOR and self.steps == 1:  # serial: one shard at a time, each on its own thread
+            assert self.floor is not None
             for index, shard in enumerate(shards):
                 self.floor.call_on(index, replica.forward_backward, shard)
         elif self.name == FLOOR:
+            assert self.floor is not None
             self.floor.map(replica.forward_backward, shards)  # shard i on thread i
         elif self.name in (GLUONNLP, PARALLEL):
+            assert self.parallel is not None
             for shard in shards:
                 self.parallel.put(shard)
             for _ in shards:
                 self.parallel.get()
         elif self.name == MAP:
+            assert self.executor is not None
             list(self.executor.map(replica.fb, *zip(*shards)))
         else:
+            assert self.executor is not None
             futures = [self.executor.submit(replica.fb, data, label) for data, label in shards]
             for future in as_completed(futures):
                 future.result()
@@ -212,7 +218,7 @@ class TrainingResult:
     vs_best_peer: Dict[str, Summary]  # in-round ratio to the faster of the sequential loop and gluonnlp's Parallel
     agreement: Dict[str, Tuple[bool, float]]  # variant -> (allclose to sequential, max abs diff)
     # variant -> one recording per profile round; the first is drawn.
-    overlap: Optional[Dict[str, List[dict]]] = field(default=None)
+    overlap: Optional[Dict[str, List[Dict[str, Any]]]] = field(default=None)
 
 
 def make_batches(
@@ -240,7 +246,8 @@ def save_initial_parameters(spec: ModelSpec, path: str, seed: int) -> None:
 
 
 def measure(
-    spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progress: Callable[[], None], overlap_steps: int = 0
+    spec: ModelSpec, n: int, rounds: int, steps: int, warmup: int, progress: Callable[[], object],
+    overlap_steps: int = 0,
 ) -> TrainingResult:
     """Throughput of every variant for ``spec`` on ``n`` contexts, interleaved in rounds.
 
@@ -294,7 +301,7 @@ def measure(
             max_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params, reference))
             close = all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, reference))
             agreement[name] = (close and all(np.isfinite(p).all() for p in params), max_diff)
-        overlap = None
+        overlap: Optional[Dict[str, List[Dict[str, Any]]]] = None
         if overlap_steps > 0:
             overlap = {SEQUENTIAL: [], MAP: []}
             for _ in range(PROFILE_ROUNDS):  # interleaved, as the measurements are
@@ -327,15 +334,17 @@ def measure(
     )
 
 
-def _span(track: str, name: str, start_ns: int, end_ns: int, origin_ns: int) -> dict:
+def _span(track: str, name: str, start_ns: int, end_ns: int, origin_ns: int) -> Dict[str, Any]:
     """A Chrome trace-event complete span, with the track's name as ``tid``."""
     return {"ph": "X", "name": name, "tid": track, "ts": (start_ns - origin_ns) / 1e3, "dur": (end_ns - start_ns) / 1e3}
 
 
-def _record_sequential(variant: Variant, batches, steps: int) -> dict:
+def _record_sequential(
+    variant: Variant, batches: Sequence[Sequence[Tuple[mx.nd.NDArray, mx.nd.NDArray]]], steps: int
+) -> Dict[str, Any]:
     """Time the sequential loop's own spans, in the timeline's shape."""
     replica = variant.replica
-    events = []
+    events: List[Dict[str, Any]] = []
     origin = time.perf_counter_ns()
     for i in range(steps):
         for context, shard in zip(replica.contexts, batches[i % len(batches)]):
@@ -348,7 +357,7 @@ def _record_sequential(variant: Variant, batches, steps: int) -> dict:
     return {"events": events, "tracks": tracks, "concurrency": 1.0}
 
 
-def _finish_step_traced(replica: Replica, events: List[dict], origin: int) -> None:
+def _finish_step_traced(replica: Replica, events: List[Dict[str, Any]], origin: int) -> None:
     start = time.perf_counter_ns()
     replica.trainer.step(replica.batch_size)
     middle = time.perf_counter_ns()
@@ -358,11 +367,14 @@ def _finish_step_traced(replica: Replica, events: List[dict], origin: int) -> No
     events.append(_span("caller", "wait for results", middle, end, origin))
 
 
-def _record_executor(variant: Variant, batches, steps: int, workdir: str) -> dict:
+def _record_executor(
+    variant: Variant, batches: Sequence[Sequence[Tuple[mx.nd.NDArray, mx.nd.NDArray]]], steps: int, workdir: str
+) -> Dict[str, Any]:
     """Record ``ContextExecutor.map`` steps with the executor's timeline."""
     replica = variant.replica
+    assert variant.executor is not None, f"{variant.name} has no ContextExecutor"
     path = os.path.join(workdir, "trace.json")
-    events: List[dict] = []
+    events: List[Dict[str, Any]] = []
     # The timeline's clock starts when record_timeline creates it, microseconds
     # after this: close enough to line our caller spans up with its spans.
     origin = time.perf_counter_ns()
@@ -388,7 +400,7 @@ def _record_executor(variant: Variant, batches, steps: int, workdir: str) -> dic
     return {"events": events, "tracks": tracks, "concurrency": timeline.mean_concurrency()}
 
 
-def table(results: List[TrainingResult]) -> str:
+def table(results: Sequence[TrainingResult]) -> str:
     """Markdown table: one row per model, N and variant."""
     headers = ["model", "N", "batch", "variant", "samples/s (median ± IQR/2)", "vs sequential at N",
                "vs 1-context sequential", "same parameters as sequential (max abs diff)"]
