@@ -1,9 +1,9 @@
 """The checks CI keeps clean, run here so that `pytest` covers them.
 
-ruff (lint and import order) over the project and mypy over the package, with
-the configuration in pyproject.toml and the versions pinned by the ``dev``
-extra. Each runs as a subprocess from the repository root. And the sizes of
-the package's modules, classes and functions.
+ruff (lint and import order) over the project and mypy over the package and
+benchmarks/, with the configuration in pyproject.toml and the versions pinned
+by the ``dev`` extra. Each runs as a subprocess from the repository root. And
+the sizes of the package's modules, classes and functions.
 """
 
 import ast
@@ -35,6 +35,15 @@ def test_ruff_finds_nothing():
 def test_mypy_finds_nothing():
     proc = run_tool("mypy", timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_checks_the_package_and_the_benchmarks():
+    # test_mypy_finds_nothing runs mypy without arguments: it checks what this list names.
+    import tomllib  # Python 3.11+, as this module
+
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        files = tomllib.load(file)["tool"]["mypy"]["files"]
+    assert set(files) == {"parallel_exec", "benchmarks"}
 
 
 # The sizes that keep each piece of the package readable in one sitting.
