@@ -225,10 +225,10 @@ class ContractFloor:
     the statistics (counts, times, recent samples), the fork guard's
     bookkeeping, the checks that refuse work after shutdown, under a lock,
     and ``map``'s results iterator (the package's: it cancels what is left
-    when a result raises or the iterator is closed). Left out, because they cost one attribute test a task once set
-    up: the serial-init gate (open after the first step) and the timeline
-    (off). What ``ContextExecutor`` costs above this is its structure, not
-    its promises.
+    when a result raises or the iterator is closed). Left out, because they
+    cost one attribute test a task once set up: the serial-init gate (open
+    after the first step) and the timeline (off). What ``ContextExecutor``
+    costs above this is its structure, not its promises.
     """
 
     def __init__(self, contexts: Sequence["mx.Context"]) -> None:

@@ -84,12 +84,7 @@ class Crew:
         """
         with self.lock:
             self._check_open()
-            queues = []
-            for candidates, item in routed:
-                slot = pick(candidates)
-                slot.counters.submitted += 1
-                item.future.counters = slot.counters
-                queues.append(slot.queue)
+            queues = [self._place(candidates, item, pick).queue for candidates, item in routed]
             # Each put wakes a worker, which then waits for the GIL this
             # thread holds until it blocks: nothing else between the puts
             # (with more workers than cores, each microsecond here costs
@@ -102,10 +97,16 @@ class Crew:
         """``enqueue`` for ``submit``'s one item, with no lists to build."""
         with self.lock:
             self._check_open()
-            slot = pick(candidates)
-            slot.counters.submitted += 1
-            item.future.counters = slot.counters
-            slot.queue.put(item)
+            self._place(candidates, item, pick).queue.put(item)
+
+    @staticmethod
+    def _place(candidates: Optional[List[WorkerSlot]], item: WorkItem,
+               pick: Callable[[Optional[List[WorkerSlot]]], WorkerSlot]) -> WorkerSlot:
+        """The worker ``item`` goes to, with the item counted there (called under ``lock``)."""
+        slot = pick(candidates)
+        slot.counters.submitted += 1
+        item.future.counters = slot.counters
+        return slot
 
     def _check_open(self) -> None:
         """Raise if no task may be queued now (called under ``lock``)."""

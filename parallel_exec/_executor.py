@@ -174,7 +174,7 @@ class ContextExecutor(Executor):
         _check_callable(fn)
         flags = capture_flags()
         route = self._router.candidates_for
-        new_future = _map_future_maker(self._crew.timeline, fn)
+        new_future = _future_maker(self._crew.timeline, fn, MapFuture)  # only map's iterator sees its futures
         submit_ns = time.perf_counter_ns()  # one clock read for the batch
         routed = [(route(args, _NO_KWARGS), WorkItem(new_future(), fn, args, _NO_KWARGS, flags, submit_ns))
                   for args in zip(*iterables)]
@@ -250,22 +250,23 @@ def _check_callable(fn: Any) -> None:
         raise TypeError(f"fn must be callable, got {fn!r}")
 
 
-def _map_future_maker(timeline: Optional[Timeline], fn: Callable[..., Any]) -> Callable[[], Any]:
-    """What makes a ``map`` call's future: a ``TracedFuture`` while a timeline
-    records (it records the caller's waits too), else a ``MapFuture`` (only
-    ``map``'s iterator sees it: a cheaper kind than a ``Future``)."""
+def _future_maker(
+    timeline: Optional[Timeline], fn: Callable[..., Any], untraced: Callable[[], Any]
+) -> Callable[[], Any]:
+    """What makes a call's future: a ``TracedFuture`` while a timeline records
+    (it records the caller's waits too), else ``untraced`` (a ``TaskFuture``,
+    or for ``map`` a ``MapFuture``: only its iterator sees it, a cheaper kind)."""
     if timeline is not None:
         return functools.partial(TracedFuture, timeline, task_name(fn))
-    return MapFuture
+    return untraced
 
 
 def _submit_item(crew: Crew, fn: Callable[..., Any], args: Any, kwargs: Any, flags: TaskFlags) -> WorkItem:
     """The work item of a ``submit`` or ``submit_to`` call: a ``TaskFuture``,
     or a ``TracedFuture`` while a timeline records."""
     _check_callable(fn)
-    timeline = crew.timeline
-    future = TaskFuture() if timeline is None else TracedFuture(timeline, task_name(fn))
-    return WorkItem(future, fn, args, kwargs, flags, time.perf_counter_ns())
+    new_future = _future_maker(crew.timeline, fn, TaskFuture)
+    return WorkItem(new_future(), fn, args, kwargs, flags, time.perf_counter_ns())
 
 
 def _results_in_order(futures: List["TaskFuture | MapFuture"], end_time: Optional[float]) -> Iterator[Any]:
