@@ -10,8 +10,9 @@ futures loop, ``pe.Parallel``, and the floor of any threaded design: a bare
 thread per context (``floors.ThreadPerContext``, nothing else), whose first
 step runs one shard at a time, each on its own thread, as ``map``'s
 serial-init gate runs it (Gluon's deferred initialisation is not
-thread-safe, and a hybridized block runs fastest on the thread that ran its
-first step on that device: RESULTS.md, hot-path experiments).
+thread-safe, and on CPU contexts a block hybridized with ``static_shape``
+keeps the temporary space of the thread that ran its first step on a device:
+first_step_thread.py).
 
 Every variant has its own copy of the network, loaded from the same saved
 parameters, and sees the same batches in the same order; after the last round

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/run.py at its smallest size and of churn.py. No timing is asserted."""
+"""Smoke tests of benchmarks/run.py at its smallest size, churn.py and first_step_thread.py; no timing asserted."""
 
 import os
 import subprocess
@@ -70,3 +70,15 @@ def test_churn_quick_prints_its_tables():
     names = {row[0] for row in table_rows(out.stdout)}
     assert {"ContextExecutor", "ThreadPoolExecutor(2)"} <= names
     assert "paired per round" in out.stdout and "release_idle_threads() ended 2 idle thread(s)" in out.stdout
+
+
+def test_first_step_thread_prints_both_tables_per_setting():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "first_step_thread.py"), "--rounds", "1", "--steps", "1",
+         "--copies", "8"],
+        capture_output=True, text=True, timeout=200, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    settings = [row[0] for row in table_rows(out.stdout) if row[0] != "MXNET_CPU_TEMP_COPY"]
+    assert settings == ["4 (MXNet's default)", "8"] * 2  # the first-step table, then the training one
+    assert "first step on the caller" in out.stdout and "pe.Parallel" in out.stdout
