@@ -476,6 +476,28 @@ def test_initializer_runs_once_per_worker_after_pinning_with_initargs():
     assert {tag for _, tag in seen} == {"hello"}
 
 
+def _seed_worker(seed):
+    # docs/gate.md's recipe: one stream per device, from the caller's seed.
+    mx.random.seed(seed * 1000 + pe.current_context().device_id)
+
+
+def _draws(seed):
+    """Each device's first random draw in a task, under an executor whose workers ``_seed_worker`` seeded."""
+    shards = [mx.nd.zeros((1,), ctx=context) for context in CPU2]
+    with pe.ContextExecutor(CPU2, initializer=_seed_worker, initargs=(seed,)) as ex:
+        return [tuple(r) for r in ex.map(lambda x: mx.nd.random.uniform(shape=(4,), ctx=x.context).asnumpy(), shards)]
+
+
+def test_seeding_workers_in_the_initializer_makes_their_draws_follow_the_seed():
+    # MXNet's generator is per thread, and workers' threads are kept from one
+    # executor to the next (still drawing on from where they were): the
+    # initializer reseeds them each time an executor starts.
+    first, again, other = _draws(7), _draws(7), _draws(8)
+    assert first == again
+    assert first[0] != other[0] and first[1] != other[1]
+    assert first[0] != first[1]  # one stream per device
+
+
 def test_a_failing_initializer_breaks_the_executor():
     assert issubclass(pe.BrokenContextExecutor, concurrent.futures.BrokenExecutor)
     entered, fail_now = threading.Event(), threading.Event()
