@@ -27,12 +27,14 @@ host), one thread per device running that device's steps
 Each way has its own network from the same saved parameters, measured in
 interleaved rounds; the figure is time per step over the ``own thread``
 way's, median of the rounds. Then the same process runs training.py's
-sync-in-step section at N=2 (every variant, speed over the sequential loop).
+sync-in-step and compute-heavy sections at N=2 (every variant, speed over
+the sequential loop, whose first steps all run in the calling thread too).
 All of it runs in a fresh process with MXNet's default
 ``MXNET_CPU_TEMP_COPY``, then in others with ``--copies`` copies per thread
 (read when a thread first uses the resource manager, so only a fresh process
 can change it): if shared copies are the cause, enough of them make the three
-ways equal, and lift the designs that run the first calls in the caller.
+ways equal, and lift the designs that run the first calls in the caller,
+the sequential loop among them.
 Each process's peak RSS says what the copies cost in memory.
 
     python benchmarks/first_step_thread.py [--rounds 7] [--steps 15] [--copies 16 64]
@@ -111,13 +113,19 @@ def first_steps(rounds: int, steps: int) -> Dict[str, float]:
     return {way: statistics.median(a / b for a, b in zip(seconds[way], seconds[OWN])) for way in WAYS}
 
 
+TRAINED = ("sync-in-step", "compute-heavy")  # training.py's models run here, at N=2
+
+
 def measure(rounds: int, steps: int) -> Dict[str, Any]:
-    """In this process: the three ways, the sync-in-step training variants over the loop, peak RSS in MiB."""
+    """In this process: the three ways, then training.py at N=2 for ``TRAINED``, and the peak RSS in MiB."""
     ways = first_steps(rounds, steps)
-    trained = training.measure(training.MODELS["sync-in-step"], N, rounds, steps, 3, lambda: None)
+    trained = {}
+    for model in TRAINED:
+        result = training.measure(training.MODELS[model], N, rounds, steps, 3, lambda: None)
+        trained[model] = {name: s.median for name, s in result.vs_sequential.items()}
+        trained[model]["loop samples/s"] = result.throughput[training.SEQUENTIAL].median
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"ways": ways, "training": {name: s.median for name, s in trained.vs_sequential.items()},
-            "peak_rss_mib": peak_mib}
+    return {"ways": ways, "training": trained, "peak_rss_mib": peak_mib}
 
 
 def in_fresh_process(rounds: int, steps: int, copies: Optional[int]) -> Dict[str, Any]:
@@ -133,15 +141,17 @@ def in_fresh_process(rounds: int, steps: int, copies: Optional[int]) -> Dict[str
 
 def tables(results: Dict[str, Dict[str, Any]]) -> str:
     ways = markdown_table(
-        ["MXNET_CPU_TEMP_COPY"] + [f"first step on the {way}" for way in WAYS],
-        [[setting] + [f"{r['ways'][way]:.2f}x" for way in WAYS] for setting, r in results.items()], "lrrr")
+        ["MXNET_CPU_TEMP_COPY"] + [f"first step on the {way}" for way in WAYS] + ["peak RSS of the process"],
+        [[setting] + [f"{r['ways'][way]:.2f}x" for way in WAYS] + [f"{r['peak_rss_mib']:.0f} MiB"]
+         for setting, r in results.items()], "lrrrr")
     names = [name for name in training.VARIANTS if name != training.SEQUENTIAL
-             and all(name in r["training"] for r in results.values())]
+             and all(name in r["training"][model] for r in results.values() for model in TRAINED)]
     trained = markdown_table(
-        ["MXNET_CPU_TEMP_COPY"] + names + ["peak RSS of the process"],
-        [[setting] + [f"{r['training'][name]:.2f}x" for name in names] + [f"{r['peak_rss_mib']:.0f} MiB"]
-         for setting, r in results.items()], "l" + "r" * (len(names) + 1))
-    heading = "Sync-in-step at N=2, speed over the sequential loop (training.py, median of the rounds):"
+        ["model", "MXNET_CPU_TEMP_COPY", "sequential loop, samples/s"] + names,
+        [[model, setting, f"{r['training'][model]['loop samples/s']:.0f}"]
+         + [f"{r['training'][model][name]:.2f}x" for name in names]
+         for model in TRAINED for setting, r in results.items()], "llr" + "r" * len(names))
+    heading = "training.py's models at N=2, each variant's speed over the sequential loop (median of the rounds):"
     return f"{ways}\n\n{heading}\n\n{trained}"
 
 

@@ -72,13 +72,16 @@ def test_churn_quick_prints_its_tables():
     assert "paired per round" in out.stdout and "release_idle_threads() ended 2 idle thread(s)" in out.stdout
 
 
-def test_first_step_thread_prints_both_tables_per_setting():
+def test_first_step_thread_prints_its_tables_per_setting():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "first_step_thread.py"), "--rounds", "1", "--steps", "1",
          "--copies", "8"],
         capture_output=True, text=True, timeout=200, check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    settings = [row[0] for row in table_rows(out.stdout) if row[0] != "MXNET_CPU_TEMP_COPY"]
-    assert settings == ["4 (MXNet's default)", "8"] * 2  # the first-step table, then the training one
+    rows = [row[:2] for row in table_rows(out.stdout) if row[0] not in ("MXNET_CPU_TEMP_COPY", "model")]
+    default, eight = "4 (MXNet's default)", "8"
+    assert [row[0] for row in rows[:2]] == [default, eight]  # the first-step table
+    assert rows[2:] == [["sync-in-step", default], ["sync-in-step", eight],
+                        ["compute-heavy", default], ["compute-heavy", eight]]  # the training one
     assert "first step on the caller" in out.stdout and "pe.Parallel" in out.stdout
