@@ -18,6 +18,11 @@ statistics, cancellation):
 - ``SharedQueue``: threads sharing one input queue and one output queue, no
   futures: the floor of gluonnlp's ``Parallel`` design, which cannot pin a
   shard to its device, and of ``pe.Parallel``, which uses it too.
+  ``SharedQueue(n, carry_flags=True)`` adds what ``pe.Parallel`` keeps on
+  top of that design: the caller's flags read at each put and set in the
+  worker around the call (the worker's put back after it), and an outcome
+  per call, so a call that raises reaches ``get()`` instead of ending its
+  worker.
 
 ``task_pieces`` times, in one thread, each piece of work a ``ContextExecutor``
 task does besides the hand-off. It uses the package's private modules on
@@ -290,12 +295,18 @@ class ContractFloor:
 
 
 class SharedQueue:
-    """Threads taking tasks from one queue and putting results on another."""
+    """Threads taking tasks from one queue and putting results on another.
 
-    def __init__(self, n: int) -> None:
+    With ``carry_flags``, each call also carries its caller's flags and
+    its outcome (a result or the exception raised), as ``pe.Parallel``'s do.
+    """
+
+    def __init__(self, n: int, carry_flags: bool = False) -> None:
         self._in: queue.SimpleQueue = queue.SimpleQueue()
         self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, daemon=True) for _ in range(n)]
+        self._carry_flags = carry_flags
+        serve = self._serve_with_flags if carry_flags else self._serve
+        self._threads = [threading.Thread(target=serve, daemon=True) for _ in range(n)]
         for thread in self._threads:
             thread.start()
 
@@ -307,10 +318,35 @@ class SharedQueue:
             fn, arg = item
             self._out.put(fn(arg))
 
+    def _serve_with_flags(self) -> None:
+        own = _state.capture_flags()
+        while True:
+            item = self._in.get()
+            if item is None:
+                return
+            fn, arg, flags = item
+            scope = _state.apply_flags(flags, own)  # the flags are own between calls
+            try:
+                outcome = (True, fn(arg))
+            except BaseException as exc:
+                outcome = (False, exc)
+            _state.restore_flags(own, scope)
+            self._out.put(outcome)
+
     def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
+        if not self._carry_flags:
+            for shard in shards:
+                self._in.put((fn, shard))
+            return [self._out.get() for _ in shards]  # completion order, as put/get
         for shard in shards:
-            self._in.put((fn, shard))
-        return [self._out.get() for _ in shards]  # completion order, as put/get
+            self._in.put((fn, shard, _state.capture_flags()))
+        results = []
+        for _ in shards:
+            succeeded, outcome = self._out.get()
+            if not succeeded:
+                raise outcome
+            results.append(outcome)
+        return results
 
     def close(self) -> None:
         for _ in self._threads:
