@@ -19,7 +19,7 @@ import mxnet as mx
 
 import parallel_exec as pe
 
-from floors import ContractFloor, CorrectFloor, SharedQueue, ThreadPerContext
+from floors import ContractFloor, CorrectFloor, SharedQueue, SharedQueueContract, ThreadPerContext
 from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
@@ -30,13 +30,14 @@ except ImportError:  # the table then has no gluonnlp row
 
 # Stripped-down executors (floors.py): what the designs cost before any feature.
 FLOOR_PINNED = "floor: a bare thread per context (queue + a lock per task)"
-FLOOR_SHARED = "floor: one shared queue, no futures (gluonnlp's design)"
-FLOOR_SHARED_FLAGS = "floor: one shared queue + the caller's flags and an outcome per call (pe.Parallel's design)"
+FLOOR_SHARED = "floor: one shared queue, put/get, no futures (gluonnlp's design)"
+FLOOR_SHARED_FLAGS = "floor: one shared queue, put/get + the caller's flags and an outcome per call"
+FLOOR_SHARED_CONTRACT = "floor: one shared queue, put/get, keeping every per-call promise of pe.Parallel"
 FLOOR_CORRECT = "floor: a thread per context + the flags and routing correctness needs"
 FLOOR_CORRECT_SUBMIT = "floor: a thread per context + the flags and routing, a Future per task, submit+result"
 FLOOR_CONTRACT = "floor: a lean executor keeping every per-task promise, map"
 FLOOR_CONTRACT_SUBMIT = "floor: a lean executor keeping every per-task promise, submit+result"
-VARIANTS = 16  # measurements per round, for the progress bar
+VARIANTS = 17  # measurements per round, for the progress bar
 
 _T = TypeVar("_T")
 
@@ -84,8 +85,9 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
     pool = ThreadPoolExecutor(n)
     ours = pe.Parallel(n, _Noop())
     theirs = gluonnlp_utils.Parallel(n, _Noop()) if gluonnlp_utils is not None else None
-    floor_pinned, floor_shared, floor_correct = ThreadPerContext(n), SharedQueue(n), CorrectFloor(contexts)
-    floor_shared_flags = SharedQueue(n, carry_flags=True)
+    floor_pinned, floor_shared, floor_correct = ThreadPerContext(n), SharedQueue(n, noop), CorrectFloor(contexts)
+    floor_shared_flags = SharedQueue(n, noop, carry_flags=True)
+    floor_shared_contract = SharedQueueContract(n, noop)
     floor_contract = ContractFloor(contexts)
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
 
@@ -143,8 +145,9 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
         "ContextExecutor map, timeline on": recorded(map_shards(executor)),
         "pe.Parallel put/get": put_get(ours),
         FLOOR_PINNED: map_shards(floor_pinned),
-        FLOOR_SHARED: map_shards(floor_shared),
-        FLOOR_SHARED_FLAGS: map_shards(floor_shared_flags),
+        FLOOR_SHARED: put_get(floor_shared),
+        FLOOR_SHARED_FLAGS: put_get(floor_shared_flags),
+        FLOOR_SHARED_CONTRACT: put_get(floor_shared_contract),
         FLOOR_CORRECT: map_shards(floor_correct),
         FLOOR_CORRECT_SUBMIT: submit_result(floor_correct),
         FLOOR_CONTRACT: map_shards(floor_contract),
@@ -163,6 +166,7 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
         floor_pinned.close()
         floor_shared.close()
         floor_shared_flags.close()
+        floor_shared_contract.close()
         floor_correct.close()
         floor_contract.close()
         if theirs is not None:
@@ -198,6 +202,8 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
             (FLOOR_SHARED, "gluonnlp Parallel put/get"),
             (FLOOR_SHARED_FLAGS, "gluonnlp Parallel put/get"),
             ("pe.Parallel put/get", FLOOR_SHARED_FLAGS),
+            (FLOOR_SHARED_CONTRACT, "gluonnlp Parallel put/get"),
+            ("pe.Parallel put/get", FLOOR_SHARED_CONTRACT),
             ("ContextExecutor map", "gluonnlp Parallel put/get"),
         ]
     return DispatchResult(

@@ -16,13 +16,14 @@ statistics, cancellation):
   fork guard, shutdown checks besides the flags and routing), written as
   directly as it can be: the floor of the contract, not of the design.
 - ``SharedQueue``: threads sharing one input queue and one output queue, no
-  futures: the floor of gluonnlp's ``Parallel`` design, which cannot pin a
-  shard to its device, and of ``pe.Parallel``, which uses it too.
-  ``SharedQueue(n, carry_flags=True)`` adds what ``pe.Parallel`` keeps on
-  top of that design: the caller's flags read at each put and set in the
-  worker around the call (the worker's put back after it), and an outcome
-  per call, so a call that raises reaches ``get()`` instead of ending its
-  worker.
+  futures, driven through ``put``/``get``: the floor of gluonnlp's
+  ``Parallel`` design, which cannot pin a shard to its device, and of
+  ``pe.Parallel``, which uses it too. ``SharedQueue(n, fn, carry_flags=True)``
+  adds what ``pe.Parallel`` keeps on top of that design: the caller's flags
+  read at each put and set in the worker around the call (the worker's put
+  back after it), and an outcome per call, so a call that raises reaches
+  ``get()`` instead of ending its worker. ``SharedQueueContract`` keeps, besides, every other per-call
+  promise of ``pe.Parallel``: the floor of its contract.
 
 ``task_pieces`` times, in one thread, each piece of work a ``ContextExecutor``
 task does besides the hand-off. It uses the package's private modules on
@@ -295,15 +296,19 @@ class ContractFloor:
 
 
 class SharedQueue:
-    """Threads taking tasks from one queue and putting results on another.
+    """Threads taking calls of ``fn`` from one queue and putting results on another.
 
-    With ``carry_flags``, each call also carries its caller's flags and
-    its outcome (a result or the exception raised), as ``pe.Parallel``'s do.
+    Driven as the put/get shims are (``put(x)`` per call, ``get()`` per
+    result, in completion order), so it is their floor, the per-call Python
+    of that API included. With ``carry_flags``, each call also carries its
+    caller's flags and its outcome (a result or the exception raised), as
+    ``pe.Parallel``'s do.
     """
 
-    def __init__(self, n: int, carry_flags: bool = False) -> None:
+    def __init__(self, n: int, fn: Callable[[Any], Any], carry_flags: bool = False) -> None:
         self._in: queue.SimpleQueue = queue.SimpleQueue()
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._fn = fn
         self._carry_flags = carry_flags
         serve = self._serve_with_flags if carry_flags else self._serve
         self._threads = [threading.Thread(target=serve, daemon=True) for _ in range(n)]
@@ -311,20 +316,21 @@ class SharedQueue:
             thread.start()
 
     def _serve(self) -> None:
+        fn = self._fn
         while True:
             item = self._in.get()
             if item is None:
                 return
-            fn, arg = item
-            self._out.put(fn(arg))
+            self._out.put(fn(item[0]))
 
     def _serve_with_flags(self) -> None:
+        fn = self._fn
         own = _state.capture_flags()
         while True:
             item = self._in.get()
             if item is None:
                 return
-            fn, arg, flags = item
+            arg, flags = item
             scope = _state.apply_flags(flags, own)  # the flags are own between calls
             try:
                 outcome = (True, fn(arg))
@@ -333,26 +339,89 @@ class SharedQueue:
             _state.restore_flags(own, scope)
             self._out.put(outcome)
 
-    def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> List[Any]:
+    def put(self, x: Any) -> None:
+        self._in.put((x, _state.capture_flags()) if self._carry_flags else (x,))
+
+    def get(self) -> Any:
         if not self._carry_flags:
-            for shard in shards:
-                self._in.put((fn, shard))
-            return [self._out.get() for _ in shards]  # completion order, as put/get
-        for shard in shards:
-            self._in.put((fn, shard, _state.capture_flags()))
-        results = []
-        for _ in shards:
-            succeeded, outcome = self._out.get()
-            if not succeeded:
-                raise outcome
-            results.append(outcome)
-        return results
+            return self._out.get()
+        succeeded, outcome = self._out.get()
+        if not succeeded:
+            raise outcome
+        return outcome
 
     def close(self) -> None:
         for _ in self._threads:
             self._in.put(None)
         for thread in self._threads:
             thread.join()
+
+
+class SharedQueueContract(SharedQueue):
+    """``SharedQueue`` with flags, plus every other per-call promise of ``pe.Parallel``.
+
+    Written as directly as it can be: ``get()`` with no call pending raises
+    instead of blocking, and ``put()`` after ``close()`` raises (a count and
+    a flag under one lock, taken by ``put`` and ``get``); a ``put()``
+    interrupted after queueing takes its call back unless a worker has it
+    (a lock per call, taken once); workers hold between calls while
+    ``os.fork()`` runs (``_forkguard``); and each call runs under the
+    worker's default context, whatever the last one left entered.
+    """
+
+    def __init__(self, n: int, fn: Callable[[Any], Any]) -> None:
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._closed = False
+        super().__init__(n, fn, carry_flags=True)
+
+    def _serve_with_flags(self) -> None:
+        fn = self._fn
+        ident = threading.get_ident()
+        own = _state.capture_flags()
+        pinned = mx.Context(mx.current_context())
+        while True:
+            item = self._in.get()
+            if item is None:
+                return
+            arg, flags, claim = item
+            _forkguard.begin_task(ident)
+            if claim.acquire(False):
+                _state.keep_default_context(pinned)
+                scope = _state.apply_flags(flags, own)
+                try:
+                    outcome = (True, fn(arg))
+                except BaseException as exc:
+                    outcome = (False, exc)
+                _state.restore_flags(own, scope)
+                self._out.put(outcome)
+            _forkguard.end_task(ident)
+
+    def put(self, x: Any) -> None:
+        claim = threading.Lock()
+        call = (x, _state.capture_flags(), claim)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("put() after close()")
+            self._pending += 1
+            try:
+                self._in.put(call)
+            except BaseException:
+                if claim.acquire(False):
+                    self._pending -= 1
+                raise
+
+    def get(self) -> Any:
+        with self._lock:
+            if not self._pending:
+                raise RuntimeError("get() with no pending put()")
+            self._pending -= 1
+        return super().get()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        super().close()
 
 
 def task_pieces(number: int = 20_000) -> Dict[str, float]:

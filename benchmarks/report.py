@@ -99,12 +99,17 @@ def targets(
         if shared is not None:
             rows.append((f"one shared queue (gluonnlp's design, bare) / gluonnlp Parallel, N={d.n} (report only)",
                          f"{shared.median:.2f}x", None))
-        with_flags = d.ratio.get(f"{dispatch.FLOOR_SHARED_FLAGS} / gluonnlp Parallel put/get")
-        if with_flags is not None:
-            rows.append((f"one shared queue + the caller's flags (pe.Parallel's floor) / gluonnlp Parallel, N={d.n} "
-                         "(report only)", f"{with_flags.median:.2f}x", None))
-            ratio = d.ratio[f"pe.Parallel put/get / {dispatch.FLOOR_SHARED_FLAGS}"].median
-            rows.append((f"pe.Parallel put/get / that floor, N={d.n} (report only)", f"{ratio:.2f}x", None))
+        for title, floor_variant in (
+            ("one shared queue + the caller's flags (pe.Parallel's design floor)", dispatch.FLOOR_SHARED_FLAGS),
+            ("one shared queue keeping every per-call promise (pe.Parallel's contract floor)",
+             dispatch.FLOOR_SHARED_CONTRACT),
+        ):
+            floor_ratio = d.ratio.get(f"{floor_variant} / gluonnlp Parallel put/get")
+            if floor_ratio is not None:
+                rows.append((f"{title} / gluonnlp Parallel, N={d.n} (report only)", f"{floor_ratio.median:.2f}x",
+                             None))
+                ratio = d.ratio[f"pe.Parallel put/get / {floor_variant}"].median
+                rows.append((f"pe.Parallel put/get / that floor, N={d.n} (report only)", f"{ratio:.2f}x", None))
         ratio = d.ratio[f"ContextExecutor map / {dispatch.FLOOR_PINNED}"].median
         rows.append((f"ContextExecutor map / that floor, N={d.n} (report only)", f"{ratio:.2f}x", None))
         for title, what, floors in _DISPATCH_FLOORS:
