@@ -121,7 +121,7 @@ class Parallel:
             # Runs once: at close(), at the exit hook, or when this Parallel is collected.
             self._stop_loops = weakref.finalize(self, _stop, self._calls, num_workers, self._executor)
             self._stop_loops.atexit = False  # _stop_all_at_exit does it, before the executors stop
-        _install_hooks()
+        _lifecycle.install()
         _live.add(self)
 
     def put(self, x: Any) -> None:
@@ -323,19 +323,8 @@ def _disable_in_forked_child() -> None:
         parallel._after_fork_in_child()
 
 
-_hooks_lock = threading.Lock()
-_hooks_installed = False
-
-
-def _install_hooks() -> None:
-    """Register the exit and fork hooks when the first ``Parallel`` is made,
-    as the executors do theirs (``_lifecycle.install``): importing the
-    package registers nothing."""
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        _hooks_installed = True
-    _lifecycle.call_before_exit(_stop_all_at_exit)
-    if hasattr(os, "register_at_fork"):  # POSIX only
-        os.register_at_fork(after_in_child=_disable_in_forked_child)
+# Lists the executors' own exit and fork hooks run through; the hooks
+# themselves are registered by the first executor or Parallel made
+# (``_lifecycle.install``), not by importing the package.
+_lifecycle.call_before_exit(_stop_all_at_exit)
+_lifecycle.call_after_fork_in_child(_disable_in_forked_child)

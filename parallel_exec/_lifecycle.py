@@ -2,7 +2,9 @@
 
 The executors' process-wide hooks (``parallel_exec.dist`` keeps its own
 state, for the multi-process side), registered when the first executor
-starts, not at import. They make sure that:
+(or ``Parallel``) starts, not at import; ``Parallel`` adds its own steps
+through ``call_before_exit`` and ``call_after_fork_in_child``. They make
+sure that:
 - at interpreter exit every worker, a collected executor's included, finishes
   the tasks already submitted and its thread is joined (worker threads are
   daemons, so this hook is what makes exit orderly);
@@ -32,6 +34,8 @@ exiting = False
 # must end before the workers can (``Parallel``'s loops, long tasks that end
 # only when told).
 _before_exit: List[Callable[[], None]] = []
+# Called in a forked child after every executor is disabled (``Parallel``'s).
+_after_fork_in_child: List[Callable[[], None]] = []
 # Guards the globals above; lock order: before an executor's lock.
 _global_lock = threading.Lock()
 _installed = False
@@ -39,7 +43,7 @@ LOGGER = logging.getLogger("parallel_exec")
 
 
 def install() -> None:
-    """Register the exit and fork hooks; called by every new executor, acts once."""
+    """Register the exit and fork hooks; called by every new executor and ``Parallel``, acts once."""
     global _installed
     with _global_lock:
         if _installed:
@@ -65,6 +69,12 @@ def call_before_exit(fn: Callable[[], None]) -> None:
     """Have the exit hook call ``fn`` before it tells any worker to end."""
     with _global_lock:
         _before_exit.append(fn)
+
+
+def call_after_fork_in_child(fn: Callable[[], None]) -> None:
+    """Have the fork hook call ``fn`` in the child, after it disabled the executors."""
+    with _global_lock:
+        _after_fork_in_child.append(fn)
 
 
 def _stop_all_workers_at_exit() -> None:
@@ -96,3 +106,5 @@ def _disable_executors_in_forked_child() -> None:
     _global_lock = threading.Lock()
     for crew in list(_live_crews):
         crew._disable_after_fork()
+    for fn in list(_after_fork_in_child):
+        fn()

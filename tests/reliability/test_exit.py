@@ -188,7 +188,8 @@ def test_no_fork_hook_is_registered_by_import_only_by_the_first_parallel_or_exec
         say(f"after the second: {len(registered)}")
         """
     )
-    assert result.stdout.splitlines() == ["after import: 0", "after the first Parallel: 1", "after the second: 1"]
+    after_import, after_first, after_second = (int(line.rsplit(": ", 1)[1]) for line in result.stdout.splitlines())
+    assert (after_import, after_second) == (0, after_first) and after_first > 0
 
 
 def test_module_global_executor_and_parallel_exit_0():
