@@ -376,6 +376,8 @@ class SharedQueueContract(SharedQueue):
         super().__init__(n, fn, carry_flags=True)
 
     def _serve_with_flags(self) -> None:
+        # The base's loop written out again with the promises in it: a helper
+        # shared by both would add a call per task to what each floor measures.
         fn = self._fn
         ident = threading.get_ident()
         own = _state.capture_flags()
