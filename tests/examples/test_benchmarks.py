@@ -29,6 +29,11 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
     contract_floor = "floor: a lean executor keeping every per-task promise"
     assert {"ContextExecutor map", "gluonnlp Parallel put/get", f"{contract_floor}, map",
             f"{contract_floor}, submit+result"} <= names
+    # pe.Parallel's floors, in the dispatch table and, against gluonnlp's, in the targets table.
+    assert {"pe.Parallel put/get", "floor: one shared queue, put/get + the caller's flags and an outcome per call",
+            "floor: one shared queue, put/get, keeping every per-call promise of pe.Parallel"} <= names
+    assert any(name.startswith("one shared queue keeping every per-call promise (pe.Parallel's contract floor)")
+               for name in names)
     assert "OMP_NUM_THREADS" in stdout and "os.cpu_count()" in stdout
 
     # Every training variant of every model and N ended with the sequential loop's parameters.
