@@ -162,6 +162,13 @@ def targets(
             if gluonnlp is not None and training.PARALLEL in r.vs_sequential:
                 ratio = r.vs_sequential[training.PARALLEL].median / r.vs_sequential[training.GLUONNLP].median
                 rows.append((f"sync-in-step N={r.n}: pe.Parallel >= gluonnlp Parallel", f"{ratio:.3f}x", ratio >= 1.0))
+                shared = r.vs_sequential.get(training.SHARED_FLOOR)
+                if shared is not None:  # the same ratios of medians as the target row
+                    rows.append((f"sync-in-step N={r.n}, pe.Parallel's design floor (one shared SimpleQueue, nothing "
+                                 "else) / gluonnlp Parallel (report only)",
+                                 f"{shared.median / r.vs_sequential[training.GLUONNLP].median:.3f}x", None))
+                    rows.append((f"sync-in-step N={r.n}, pe.Parallel / that floor (report only)",
+                                 f"{r.vs_sequential[training.PARALLEL].median / shared.median:.3f}x", None))
         agree = all(ok for ok, _ in r.agreement.values())
         rows.append((f"{r.model} N={r.n}: all variants end with the same parameters", "yes" if agree else "NO", agree))
     growth = grown.growth_mib

@@ -6,10 +6,13 @@ a compute-heavy hybridized one (a few large matrix products per step), and
 the compute-heavy one reading its loss on the host in each shard
 ("sync-in-step"). Ways to drive the N shards of each step: the sequential
 loop, gluonnlp's ``Parallel``, ``ContextExecutor.map``, a ``ContextExecutor``
-futures loop, ``pe.Parallel``, and the floor of any threaded design: a bare
+futures loop, ``pe.Parallel``, and two floors: of any threaded design, a bare
 thread per context (``floors.ThreadPerContext``, nothing else), whose first
 step runs one shard at a time, each on its own thread, as ``map``'s
-serial-init gate runs it (Gluon's deferred initialisation is not
+serial-init gate runs it; of the put/get shims' design, threads sharing one
+``SimpleQueue`` of calls and one of results (``floors.SharedQueue``, nothing
+else; ``pe.Parallel``'s queues), whose first step runs in the caller, as the
+shims' serial init does (Gluon's deferred initialisation is not
 thread-safe, and on CPU contexts a block hybridized with ``static_shape``
 keeps the temporary space of the thread that ran its first step on a device:
 first_step_thread.py).
@@ -38,7 +41,7 @@ from mxnet import autograd, gluon
 
 import parallel_exec as pe
 
-from floors import ThreadPerContext
+from floors import SharedQueue, ThreadPerContext
 from harness import Summary, close_gluonnlp_parallel, markdown_table, ratios, run_rounds
 
 try:
@@ -52,8 +55,9 @@ MAP = "ContextExecutor.map"
 FUTURES = "ContextExecutor futures loop"
 PARALLEL = "pe.Parallel"
 FLOOR = "floor: a bare thread per context"
+SHARED_FLOOR = "floor: one shared queue (pe.Parallel's design)"
 REFERENCE = "sequential, 1 context"  # the single-context baseline every ratio to 1 context uses
-VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES, PARALLEL, FLOOR)
+VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES, PARALLEL, FLOOR, SHARED_FLOOR)
 RSS_VARIANTS = (SEQUENTIAL, GLUONNLP, MAP, FUTURES)  # the peak-RSS children (one process each)
 PROFILE_ROUNDS = 7  # recordings of a few steps per variant, for the span profile
 
@@ -154,10 +158,13 @@ class Variant:
         # A gluonnlp.utils.Parallel (no type information) or a pe.Parallel.
         self.parallel: Optional[Any] = None
         self.floor: Optional[ThreadPerContext] = None
+        self.shared_floor: Optional[SharedQueue] = None
         self.steps = 0
         n = len(replica.contexts)
         if name == FLOOR:
             self.floor = ThreadPerContext(n)
+        elif name == SHARED_FLOOR:
+            self.shared_floor = SharedQueue(n, replica.forward_backward)
         elif name == GLUONNLP:
             self.parallel = gluonnlp_utils.Parallel(n, _GluonnlpShard(replica))
         elif name == PARALLEL:
@@ -184,6 +191,15 @@ class Variant:
                 self.parallel.put(shard)
             for _ in shards:
                 self.parallel.get()
+        elif self.name == SHARED_FLOOR and self.steps == 1:  # serial init in the caller, as the shims'
+            for shard in shards:
+                replica.forward_backward(shard)
+        elif self.name == SHARED_FLOOR:
+            assert self.shared_floor is not None
+            for shard in shards:
+                self.shared_floor.put(shard)
+            for _ in shards:
+                self.shared_floor.get()
         elif self.name == MAP:
             assert self.executor is not None
             list(self.executor.map(replica.fb, *zip(*shards)))
@@ -199,6 +215,8 @@ class Variant:
             self.executor.shutdown()
         if self.floor is not None:
             self.floor.close()
+        if self.shared_floor is not None:
+            self.shared_floor.close()
         if self.name == GLUONNLP:
             close_gluonnlp_parallel(self.parallel)
         elif self.parallel is not None:

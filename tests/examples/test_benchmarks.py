@@ -34,11 +34,16 @@ def test_smoke_run_prints_tables_and_parameters_agree(tmp_path):
             "floor: one shared queue, put/get, keeping every per-call promise of pe.Parallel"} <= names
     assert any(name.startswith("one shared queue keeping every per-call promise (pe.Parallel's contract floor)")
                for name in names)
+    # pe.Parallel's design floor on sync-in-step, against gluonnlp's, in the targets table.
+    assert "sync-in-step N=2, pe.Parallel's design floor (one shared SimpleQueue, nothing else) / gluonnlp " \
+        "Parallel (report only)" in names
     assert "OMP_NUM_THREADS" in stdout and "os.cpu_count()" in stdout
 
     # Every training variant of every model and N ended with the sequential loop's parameters.
     training = [row for row in rows if row[0] in ("python-heavy", "compute-heavy", "sync-in-step")]
-    assert len(training) == 3 * (6 + 6), training  # 3 models x (N=1: 6 variants, N=2: 6 variants)
+    assert len(training) == 3 * (7 + 7), training  # 3 models x (N=1: 7 variants, N=2: 7 variants)
+    assert {"floor: a bare thread per context", "floor: one shared queue (pe.Parallel's design)"} <= {
+        row[3] for row in training}, training
     assert all(row[-1].startswith("yes (") for row in training), training
     agreement = [row for row in rows if row[0].endswith("all variants end with the same parameters")]
     assert agreement and all(row[1:] == ["yes", "met"] for row in agreement), agreement
