@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/run.py at its smallest size, churn.py and first_step_thread.py; no timing asserted."""
+"""Smoke tests of benchmarks/run.py at its smallest size and of the single-question scripts; no timing asserted."""
 
 import os
 import subprocess
@@ -95,3 +95,16 @@ def test_first_step_thread_prints_its_tables_per_setting():
     assert rows[2:] == [["sync-in-step", default], ["sync-in-step", eight],
                         ["compute-heavy", default], ["compute-heavy", eight]]  # the training one
     assert "first step on the caller" in out.stdout and "pe.Parallel" in out.stdout
+
+
+def test_putget_floor_runs_prints_a_row_per_run_and_the_summary():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "putget_floor_runs.py"), "--runs", "2", "--rounds", "1",
+         "--tasks", "20"],
+        capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = table_rows(out.stdout)
+    assert rows[0] == ["run", "pe.Parallel", "contract floor", "design floor", "bare", "pe.Parallel / contract floor"]
+    assert [row[0] for row in rows[1:]] == ["1", "2", "median", "runs above 1.0"]
+    assert all(float(cell) > 0 for row in rows[1:4] for cell in row[1:])
