@@ -97,14 +97,20 @@ def test_first_step_thread_prints_its_tables_per_setting():
     assert "first step on the caller" in out.stdout and "pe.Parallel" in out.stdout
 
 
-def test_putget_floor_runs_prints_a_row_per_run_and_the_summary():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "putget_floor_runs.py"), "--runs", "2", "--rounds", "1",
-         "--tasks", "20"],
-        capture_output=True, text=True, timeout=100, check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = table_rows(out.stdout)
-    assert rows[0] == ["run", "pe.Parallel", "contract floor", "design floor", "bare", "pe.Parallel / contract floor"]
-    assert [row[0] for row in rows[1:]] == ["1", "2", "median", "runs above 1.0"]
-    assert all(float(cell) > 0 for row in rows[1:4] for cell in row[1:])
+def test_floor_runs_prints_a_row_per_run_and_the_summary_for_each_group():
+    expected = {
+        "putget": ["pe.Parallel", "contract floor", "design floor", "bare", "pe.Parallel / contract floor"],
+        "submit": ["ContextExecutor", "contract floor", "correct floor", "ContextExecutor / contract floor"],
+        "map": ["ContextExecutor", "contract floor", "correct floor", "bare", "ContextExecutor / contract floor"],
+    }
+    for group, columns in expected.items():
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "floor_runs.py"), group, "--runs", "2", "--rounds", "1",
+             "--tasks", "20"],
+            capture_output=True, text=True, timeout=100, check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = table_rows(out.stdout)
+        assert rows[0] == ["run", *columns], group
+        assert [row[0] for row in rows[1:]] == ["1", "2", "median", "runs above 1.0"], group
+        assert all(float(cell) > 0 for row in rows[1:4] for cell in row[1:]), group
