@@ -1,7 +1,10 @@
 """Shared measurement helpers: interleaved rounds, medians, IQRs, environment.
 
 Every section measures its variants in one process, interleaved in rounds
-(A B C A B C ...), so slow drift of a shared machine hits all variants alike.
+(A B C, C A B, B C A ...), so slow drift of a shared machine hits all
+variants alike, in an order shuffled afresh each round, so no variant always
+runs right after the same one (whatever a variant leaves behind, threads
+just woken, caches, the scheduler's placement, falls on all of them alike).
 Ratios between variants are taken within a round, then summarised.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -52,23 +56,28 @@ class Summary:
 
 
 def run_rounds(
-    variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], object] = lambda: None
+    variants: Mapping[str, Callable[[], float]], rounds: int, progress: Callable[[], object] = lambda: None,
+    seed: int = 0,
 ) -> Dict[str, List[float]]:
-    """Run each variant once per round, in the given order, ``rounds`` times.
+    """Run each variant once per round, in an order shuffled each round, ``rounds`` times.
 
     Args:
         variants: name -> a callable that does one measurement and returns
             its figure (seconds, or whatever the section measures).
         rounds: how many rounds.
         progress: called after every measurement (a progress bar's update).
+        seed: seeds the shuffles, so a rerun measures in the same orders.
 
     Returns:
         name -> one figure per round, in round order.
     """
+    shuffler = random.Random(seed)
     results: Dict[str, List[float]] = {name: [] for name in variants}
+    order = list(variants)
     for _ in range(rounds):
-        for name, measure in variants.items():
-            results[name].append(measure())
+        shuffler.shuffle(order)
+        for name in order:
+            results[name].append(variants[name]())
             progress()
     return results
 
