@@ -114,3 +114,24 @@ def test_floor_runs_prints_a_row_per_run_and_the_summary_for_each_group():
         assert rows[0] == ["run", *columns], group
         assert [row[0] for row in rows[1:]] == ["1", "2", "median", "runs above 1.0"], group
         assert all(float(cell) > 0 for row in rows[1:4] for cell in row[1:]), group
+
+
+def test_run_rounds_runs_each_variant_once_a_round_in_shuffled_seeded_orders(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import harness
+
+    def rounds_order(seed):
+        calls = []
+        variants = {name: (lambda name=name: calls.append(name) or float(len(calls))) for name in "ABCDEF"}
+        results = harness.run_rounds(variants, 12, seed=seed)
+        assert {name: len(values) for name, values in results.items()} == dict.fromkeys("ABCDEF", 12)
+        orders = [tuple(calls[i:i + 6]) for i in range(0, len(calls), 6)]
+        assert all(sorted(order) == list("ABCDEF") for order in orders)  # each variant once per round
+        for name, values in results.items():  # each figure is filed under the variant that produced it
+            assert all(calls[int(value) - 1] == name for value in values)
+        return orders
+
+    orders = rounds_order(seed=0)
+    assert len(set(orders)) > 1  # not one fixed order
+    assert len({order[0] for order in orders}) > 1  # not always the same variant first
+    assert rounds_order(seed=0) == orders  # a rerun measures in the same orders
