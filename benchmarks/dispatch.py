@@ -54,7 +54,7 @@ def noop(x: _T) -> _T:
     return x
 
 
-class _Noop(pe.Parallelizable):
+class Noop(pe.Parallelizable):
     def forward_backward(self, x: _T) -> _T:
         return x
 
@@ -74,6 +74,50 @@ class _PutsAndGets(Protocol):
     def get(self) -> Any: ...
 
 
+# One measurement of each kind: ``tasks`` trivial tasks over ``shards`` (one per
+# context), timed; floor_runs.py measures with these too.
+def submit_result(ex: _Submits, shards: Sequence[Any], tasks: int) -> Callable[[], float]:
+    """One task at a time: ``submit(noop, shard).result()``, ``tasks`` times."""
+    n = len(shards)
+
+    def run() -> float:
+        start = time.perf_counter()
+        for i in range(tasks):
+            ex.submit(noop, shards[i % n]).result()
+        return time.perf_counter() - start
+
+    return run
+
+
+def map_shards(ex: _Maps, shards: Sequence[Any], tasks: int) -> Callable[[], float]:
+    """``map(noop, shards)``, one call per shard, about ``tasks`` calls in all."""
+    per_shard_loops = range(tasks // len(shards))
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in per_shard_loops:
+            list(ex.map(noop, shards))
+        return time.perf_counter() - start
+
+    return run
+
+
+def put_get(parallel: _PutsAndGets, shards: Sequence[Any], tasks: int) -> Callable[[], float]:
+    """``put`` of every shard, then as many ``get``s, about ``tasks`` calls in all."""
+    per_shard_loops = range(tasks // len(shards))
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in per_shard_loops:
+            for shard in shards:
+                parallel.put(shard)
+            for _ in shards:
+                parallel.get()
+        return time.perf_counter() - start
+
+    return run
+
+
 @dataclass
 class DispatchResult:
     """Per-task microseconds of every variant at one N, plus in-round ratios."""
@@ -88,34 +132,15 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
     """Measure every dispatch variant with ``n`` workers, interleaved in rounds."""
     contexts = [mx.cpu(i) for i in range(n)]
     shards = [mx.nd.zeros((1,), ctx=c) for c in contexts]
-    per_shard_loops = range(tasks // n)
     executor = pe.ContextExecutor(contexts)
     pool = ThreadPoolExecutor(n)
-    ours = pe.Parallel(n, _Noop())
-    theirs = gluonnlp_utils.Parallel(n, _Noop()) if gluonnlp_utils is not None else None
+    ours = pe.Parallel(n, Noop())
+    theirs = gluonnlp_utils.Parallel(n, Noop()) if gluonnlp_utils is not None else None
     floor_pinned, floor_shared, floor_correct = ThreadPerContext(n), SharedQueue(n, noop), CorrectFloor(contexts)
     floor_shared_flags = SharedQueue(n, noop, carry_flags=True)
     floor_shared_contract = SharedQueueContract(n, noop)
     floor_contract = ContractFloor(contexts)
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
-
-    def submit_result(ex: _Submits) -> Callable[[], float]:
-        def run() -> float:
-            start = time.perf_counter()
-            for i in range(tasks):
-                ex.submit(noop, shards[i % n]).result()
-            return time.perf_counter() - start
-
-        return run
-
-    def map_shards(ex: _Maps) -> Callable[[], float]:
-        def run() -> float:
-            start = time.perf_counter()
-            for _ in per_shard_loops:
-                list(ex.map(noop, shards))
-            return time.perf_counter() - start
-
-        return run
 
     def recorded(run: Callable[[], float]) -> Callable[[], float]:
         # Timed inside the block: writing the file at the end is not dispatch.
@@ -125,18 +150,6 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
 
         return run_recorded
 
-    def put_get(parallel: _PutsAndGets) -> Callable[[], float]:
-        def run() -> float:
-            start = time.perf_counter()
-            for _ in per_shard_loops:
-                for shard in shards:
-                    parallel.put(shard)
-                for _ in shards:
-                    parallel.get()
-            return time.perf_counter() - start
-
-        return run
-
     def plain_loop() -> float:
         start = time.perf_counter()
         for i in range(tasks):
@@ -145,24 +158,24 @@ def measure(n: int, tasks: int, rounds: int, progress: Callable[[], object]) -> 
 
     variants: Dict[str, Callable[[], float]] = {
         "plain call loop (floor)": plain_loop,
-        "ThreadPoolExecutor submit+result": submit_result(pool),
-        "ContextExecutor submit+result": submit_result(executor),
-        "ContextExecutor submit+result, timeline on": recorded(submit_result(executor)),
-        "ThreadPoolExecutor map": map_shards(pool),
-        "ContextExecutor map": map_shards(executor),
-        "ContextExecutor map, timeline on": recorded(map_shards(executor)),
-        "pe.Parallel put/get": put_get(ours),
-        FLOOR_PINNED: map_shards(floor_pinned),
-        FLOOR_SHARED: put_get(floor_shared),
-        FLOOR_SHARED_FLAGS: put_get(floor_shared_flags),
-        FLOOR_SHARED_CONTRACT: put_get(floor_shared_contract),
-        FLOOR_CORRECT: map_shards(floor_correct),
-        FLOOR_CORRECT_SUBMIT: submit_result(floor_correct),
-        FLOOR_CONTRACT: map_shards(floor_contract),
-        FLOOR_CONTRACT_SUBMIT: submit_result(floor_contract),
+        "ThreadPoolExecutor submit+result": submit_result(pool, shards, tasks),
+        "ContextExecutor submit+result": submit_result(executor, shards, tasks),
+        "ContextExecutor submit+result, timeline on": recorded(submit_result(executor, shards, tasks)),
+        "ThreadPoolExecutor map": map_shards(pool, shards, tasks),
+        "ContextExecutor map": map_shards(executor, shards, tasks),
+        "ContextExecutor map, timeline on": recorded(map_shards(executor, shards, tasks)),
+        "pe.Parallel put/get": put_get(ours, shards, tasks),
+        FLOOR_PINNED: map_shards(floor_pinned, shards, tasks),
+        FLOOR_SHARED: put_get(floor_shared, shards, tasks),
+        FLOOR_SHARED_FLAGS: put_get(floor_shared_flags, shards, tasks),
+        FLOOR_SHARED_CONTRACT: put_get(floor_shared_contract, shards, tasks),
+        FLOOR_CORRECT: map_shards(floor_correct, shards, tasks),
+        FLOOR_CORRECT_SUBMIT: submit_result(floor_correct, shards, tasks),
+        FLOOR_CONTRACT: map_shards(floor_contract, shards, tasks),
+        FLOOR_CONTRACT_SUBMIT: submit_result(floor_contract, shards, tasks),
     }
     if theirs is not None:
-        variants["gluonnlp Parallel put/get"] = put_get(theirs)
+        variants["gluonnlp Parallel put/get"] = put_get(theirs, shards, tasks)
     groups = (
         ("plain call loop (floor)", "ThreadPoolExecutor submit+result", "ContextExecutor submit+result",
          "ContextExecutor submit+result, timeline on", FLOOR_CORRECT_SUBMIT, FLOOR_CONTRACT_SUBMIT),

@@ -28,9 +28,7 @@ only; for ``map``, bare: ``ThreadPerContext``).
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -38,8 +36,9 @@ import mxnet as mx
 
 import parallel_exec as pe
 
+from dispatch import Noop, map_shards, noop, put_get, submit_result
 from floors import ContractFloor, CorrectFloor, SharedQueue, SharedQueueContract, ThreadPerContext
-from harness import close_gluonnlp_parallel, markdown_table
+from harness import close_gluonnlp_parallel, markdown_table, run_rounds
 
 try:
     import gluonnlp.utils as gluonnlp_utils
@@ -55,24 +54,15 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-class _Noop(pe.Parallelizable):
-    def forward_backward(self, x: Any) -> Any:
-        return x
-
-
-def _noop(x: Any) -> Any:
-    return x
-
-
 def _instances(group: str, n: int) -> Dict[str, Any]:
     contexts = [mx.cpu(i) for i in range(n)]
     if group == "putget":
         return {
-            "gluonnlp Parallel": gluonnlp_utils.Parallel(n, _Noop()),
-            "pe.Parallel": pe.Parallel(n, _Noop()),
-            "contract floor": SharedQueueContract(n, _noop),
-            "design floor": SharedQueue(n, _noop, carry_flags=True),
-            "bare": SharedQueue(n, _noop),
+            "gluonnlp Parallel": gluonnlp_utils.Parallel(n, Noop()),
+            "pe.Parallel": pe.Parallel(n, Noop()),
+            "contract floor": SharedQueueContract(n, noop),
+            "design floor": SharedQueue(n, noop, carry_flags=True),
+            "bare": SharedQueue(n, noop),
         }
     made = {
         "ThreadPoolExecutor": ThreadPoolExecutor(n),
@@ -94,47 +84,24 @@ def _close(name: str, instance: Any) -> None:
         instance.close()
 
 
-def _measurement(group: str, instance: Any, shards: Sequence[Any], tasks: int) -> Callable[[], float]:
-    n = len(shards)
-
-    def put_get() -> float:
-        start = time.perf_counter()
-        for _ in range(tasks // n):
-            for shard in shards:
-                instance.put(shard)
-            for _ in shards:
-                instance.get()
-        return time.perf_counter() - start
-
-    def submit_result() -> float:
-        start = time.perf_counter()
-        for i in range(tasks):
-            instance.submit(_noop, shards[i % n]).result()
-        return time.perf_counter() - start
-
-    def map_shards() -> float:
-        start = time.perf_counter()
-        for _ in range(tasks // n):
-            list(instance.map(_noop, shards))
-        return time.perf_counter() - start
-
-    return {"putget": put_get, "submit": submit_result, "map": map_shards}[group]
+# What each group's runs measure, as the dispatch section measures it.
+MEASUREMENTS: Dict[str, Callable[[Any, Sequence[Any], int], Callable[[], float]]] = {
+    "putget": put_get, "submit": submit_result, "map": map_shards,
+}
 
 
-def one_run(group: str, n: int, rounds: int, tasks: int) -> Dict[str, float]:
-    """Median paired ratio of each variant's time to the reference's, on fresh instances."""
+def one_run(group: str, n: int, rounds: int, tasks: int, seed: int) -> Dict[str, float]:
+    """Median paired ratio of each variant's time to the reference's, on fresh instances.
+
+    Rounds in shuffled orders (``harness.run_rounds``), seeded with ``seed``.
+    """
     shards = [mx.nd.zeros((1,), ctx=mx.cpu(i)) for i in range(n)]
     instances = _instances(group, n)
-    runs = {name: _measurement(group, instance, shards, tasks) for name, instance in instances.items()}
-    seconds: Dict[str, List[float]] = {name: [] for name in runs}
+    runs = {name: MEASUREMENTS[group](instance, shards, tasks) for name, instance in instances.items()}
     try:
         for run in runs.values():  # warm-up, also passes the serial-init calls
             run()
-        for _ in range(rounds):
-            order = list(runs)
-            random.shuffle(order)
-            for name in order:
-                seconds[name].append(runs[name]())
+        seconds = run_rounds(runs, rounds, seed=seed)
     finally:
         for name, instance in instances.items():
             _close(name, instance)
@@ -161,7 +128,7 @@ def main() -> None:
         parser.error("gluonnlp is not installed: pip install -e '.[test]'")
     results = []
     for index in range(args.runs):
-        results.append(one_run(args.group, args.n, args.rounds, args.tasks))
+        results.append(one_run(args.group, args.n, args.rounds, args.tasks, seed=index))
         print(f"run {index + 1} of {args.runs} done", flush=True)
     columns = list(results[0])
     rows: List[Sequence[object]] = [[index + 1, *(f"{r[c]:.3f}" for c in columns)] for index, r in enumerate(results)]

@@ -155,16 +155,16 @@ class Variant:
         self.name = name
         self.replica = replica
         self.executor: Optional[pe.ContextExecutor] = None
-        # A gluonnlp.utils.Parallel (no type information) or a pe.Parallel.
+        # A gluonnlp.utils.Parallel (no type information), a pe.Parallel or a
+        # floors.SharedQueue: whatever is driven through put/get.
         self.parallel: Optional[Any] = None
         self.floor: Optional[ThreadPerContext] = None
-        self.shared_floor: Optional[SharedQueue] = None
         self.steps = 0
         n = len(replica.contexts)
         if name == FLOOR:
             self.floor = ThreadPerContext(n)
         elif name == SHARED_FLOOR:
-            self.shared_floor = SharedQueue(n, replica.forward_backward)
+            self.parallel = SharedQueue(n, replica.forward_backward)
         elif name == GLUONNLP:
             self.parallel = gluonnlp_utils.Parallel(n, _GluonnlpShard(replica))
         elif name == PARALLEL:
@@ -185,21 +185,15 @@ class Variant:
         elif self.name == FLOOR:
             assert self.floor is not None
             self.floor.map(replica.forward_backward, shards)  # shard i on thread i
-        elif self.name in (GLUONNLP, PARALLEL):
+        elif self.name == SHARED_FLOOR and self.steps == 1:  # serial init in the caller, as the shims'
+            for shard in shards:
+                replica.forward_backward(shard)
+        elif self.name in (GLUONNLP, PARALLEL, SHARED_FLOOR):
             assert self.parallel is not None
             for shard in shards:
                 self.parallel.put(shard)
             for _ in shards:
                 self.parallel.get()
-        elif self.name == SHARED_FLOOR and self.steps == 1:  # serial init in the caller, as the shims'
-            for shard in shards:
-                replica.forward_backward(shard)
-        elif self.name == SHARED_FLOOR:
-            assert self.shared_floor is not None
-            for shard in shards:
-                self.shared_floor.put(shard)
-            for _ in shards:
-                self.shared_floor.get()
         elif self.name == MAP:
             assert self.executor is not None
             list(self.executor.map(replica.fb, *zip(*shards)))
@@ -215,8 +209,6 @@ class Variant:
             self.executor.shutdown()
         if self.floor is not None:
             self.floor.close()
-        if self.shared_floor is not None:
-            self.shared_floor.close()
         if self.name == GLUONNLP:
             close_gluonnlp_parallel(self.parallel)
         elif self.parallel is not None:
